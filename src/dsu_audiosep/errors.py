@@ -1,0 +1,39 @@
+"""One exception type with a stable machine-readable code.
+
+Every failure a user can cause is raised as ``AudioSepError(code, message)``; the worker turns it
+into ``{"status": "error", "code": ..., "message": ...}``. Codes are part of the protocol: add new
+ones, never rename.
+"""
+from __future__ import annotations
+
+
+class AudioSepError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# Stable error codes (protocol extension "code").
+INVALID_JSON = "invalid_json"            # line is not JSON / not UTF-8 / too long
+INVALID_COMMAND = "invalid_command"      # JSON but not an object, or no "cmd"
+UNKNOWN_COMMAND = "unknown_command"
+INVALID_FIELD = "invalid_field"          # wrong type or value of a field
+MISSING_FIELD = "missing_field"
+FILE_NOT_FOUND = "file_not_found"
+PERMISSION_DENIED = "permission_denied"
+INVALID_AUDIO = "invalid_audio"          # unreadable, corrupt, empty audio
+INVALID_TEXT = "invalid_text"
+INVALID_CHECKPOINT = "invalid_checkpoint"  # wrong kind, truncated, missing keys, wrong shapes
+UNSAFE_CHECKPOINT = "unsafe_checkpoint"    # pickle wants to run code
+INVALID_CONFIG = "invalid_config"
+DEVICE_UNAVAILABLE = "device_unavailable"
+MODEL_NOT_LOADED = "model_not_loaded"
+OUTPUT_ERROR = "output_error"            # cannot write the output (folder, permission, same as input)
+DISK_FULL = "disk_full"
+OUT_OF_MEMORY = "out_of_memory"
+CANCELLED = "cancelled"
+INTERNAL_ERROR = "internal_error"
