@@ -159,7 +159,8 @@ class ResUNet30Base(nn.Module):
         """[B, N] mono mixtures -> [B, N] separated waveforms."""
         length = wav.shape[-1]
         mag, cos_in, sin_in = self.spectrogram(wav)
-        maps = self.mask(mag, betas)
+        # In reduced precision only the U-Net runs in bf16/fp16; spectra and masks stay float32.
+        maps = self.mask(mag.to(self.pre_conv.weight.dtype), betas).float()
         mask_mag = torch.sigmoid(maps[:, 0:1])
         rot_real = torch.tanh(maps[:, 1:2])
         rot_imag = torch.tanh(maps[:, 2:3])

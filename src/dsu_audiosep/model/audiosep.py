@@ -1,0 +1,104 @@
+"""AudioSep = text encoder (CLAP text branch) + ResUNet30 separator, as one loaded object."""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .resunet import ResUNet30
+from .stft import dft_kernels
+
+SAMPLE_RATE = 32000
+
+
+def materialize(factory: Callable[[], nn.Module], weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Build ``factory()`` around ``weights`` without paying for a random initialisation.
+
+    The module is created on the meta device and the tensors are assigned, not copied, so
+    memory-mapped checkpoint tensors stay mapped. Anything the weights do not cover (a
+    non-persistent buffer) makes us fall back to a normal build.
+    """
+    with torch.device("meta"):
+        module = factory()
+    module.load_state_dict(weights, strict=False, assign=True)
+    if any(t.is_meta for t in chain(module.parameters(), module.buffers())):
+        module = factory()
+        module.load_state_dict(weights, strict=False)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+class AudioSep(nn.Module):
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, ss_model: ResUNet30, text_encoder: nn.Module, tokenizer, conv_kernels: dict[str, torch.Tensor] | None):
+        super().__init__()
+        self.ss_model = ss_model
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        # Kept so that switching to the conv STFT later uses the checkpoint's own kernels.
+        self._conv_kernels = conv_kernels
+        self.precision = "fp32"
+
+    @classmethod
+    def from_weights(cls, ss: Mapping[str, torch.Tensor], conv: Mapping[str, torch.Tensor] | None,
+                     text: Mapping[str, torch.Tensor], tokenizer, roberta_cfg, use_torch_stft: bool = False) -> "AudioSep":
+        from .text import TextEncoder
+
+        weights = dict(ss)
+        if use_torch_stft:
+            window = torch.hann_window(2048)
+            weights["base.stft.window"] = window
+            weights["base.istft.window"] = window.clone()
+        else:
+            conv = dict(conv) if conv is not None else dft_kernels()
+            weights.update({"base." + k: v for k, v in conv.items()})
+        ss_model = materialize(lambda: ResUNet30(use_torch_stft=use_torch_stft), weights)
+        text_encoder = materialize(lambda: TextEncoder(roberta_cfg), text)
+        text_encoder.set_tokenizer(tokenizer)
+        return cls(ss_model, text_encoder, tokenizer, dict(conv) if conv is not None else None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ss_model.base.pre_conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.ss_model.base.pre_conv.weight.dtype
+
+    @property
+    def use_torch_stft(self) -> bool:
+        return self.ss_model.use_torch_stft
+
+    def to_device(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> "AudioSep":
+        self.to(device)
+        if dtype != torch.float32:
+            # The STFT stays in float32 (torch.stft has no bf16 on CPU, and its cost is small);
+            # only the U-Net and FiLM run in reduced precision.
+            for name, child in self.ss_model.base.named_children():
+                if name not in ("stft", "istft"):
+                    child.to(dtype)
+            self.ss_model.film.to(dtype)
+            self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        return self
+
+    def set_stft(self, use_torch_stft: bool) -> None:
+        if use_torch_stft == self.use_torch_stft:
+            return
+        if not use_torch_stft and self._conv_kernels is None:
+            self._conv_kernels = dft_kernels()
+        self.ss_model.base.set_stft(use_torch_stft, self._conv_kernels)
+
+    @torch.inference_mode()
+    def embed_text(self, text: str) -> torch.Tensor:
+        """The 512-d L2-normalised query embedding (cached per text), on the model's device."""
+        return self.text_encoder.embed_one(text)
+
+    @torch.inference_mode()
+    def separate(self, wav: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """wav [B, N] float32 at 32 kHz on the model's device, condition [512] -> [B, N]."""
+        cond = condition.reshape(1, -1).to(device=self.device, dtype=self.dtype)
+        return self.ss_model(wav, cond)
