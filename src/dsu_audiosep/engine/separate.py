@@ -1,0 +1,278 @@
+"""File in, file out: query embedding -> chunk plan -> forward passes -> written output.
+
+The pipeline streams: the input is read block by block, resampled to 32 kHz on the fly, cut into
+grid-aligned windows (see chunking.py), separated, resampled to the output rate and written
+through an atomic writer. Memory therefore depends on the window length, not the file length.
+A "full pass" is the same pipeline with one window covering the whole file.
+
+Channels are separated independently (the model is mono); when the output has fewer channels
+than the input (``output_channels="stereo"`` on a 5.1 file) the downmix happens first, so only
+what is written gets separated.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import CANCELLED, INVALID_FIELD, OUT_OF_MEMORY, OUTPUT_ERROR, AudioSepError
+from . import audio_io
+from .chunking import DEFAULT_CONTEXT_S, GRID, SAMPLE_RATE, Window, plan_windows, seconds_to_samples
+
+log = logging.getLogger(__name__)
+
+MIN_WINDOW = 2048  # reflect padding of the centred STFT needs more than n_fft / 2 samples
+READ_BLOCK = 1 << 16
+
+
+@dataclass
+class SeparateOptions:
+    use_chunk: bool | str = False  # True | False | "auto" (chunk when duration >= chunk_seconds)
+    chunk_seconds: float = 30.0  # the "auto" threshold (seed meaning)
+    chunk_length: float | None = None  # kept centre of each chunk, seconds; None: per-device default
+    context_seconds: float = DEFAULT_CONTEXT_S  # context fed on each side of a chunk
+    output_sr: int | str = 44100
+    output_subtype: str = "PCM_16"
+    output_channels: str = "stereo"
+    mode: str = "extract"  # "extract" | "remove"
+    residual_output: str | None = None
+
+    def validate(self) -> "SeparateOptions":
+        if self.use_chunk not in (True, False, "auto"):
+            raise AudioSepError(INVALID_FIELD, f'use_chunk must be true, false or "auto", got {self.use_chunk!r}')
+        for name in ("chunk_seconds", "context_seconds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise AudioSepError(INVALID_FIELD, f"{name} must be a non-negative number of seconds, got {v!r}")
+        if self.chunk_length is not None:
+            v = self.chunk_length
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise AudioSepError(INVALID_FIELD, f"chunk_length must be a positive number of seconds, got {v!r}")
+        if self.mode not in ("extract", "remove"):
+            raise AudioSepError(INVALID_FIELD, f'mode must be "extract" or "remove", got {self.mode!r}')
+        if self.residual_output is not None and (not isinstance(self.residual_output, str) or not self.residual_output.strip()):
+            raise AudioSepError(INVALID_FIELD, "residual_output must be a non-empty path")
+        return self
+
+
+@dataclass
+class SeparationResult:
+    files: list[str]
+    duration: float
+    chunked: bool
+    windows: int
+    chunk_length: float | None
+    use_torch_stft: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_chunk_length(device: torch.device) -> float:
+    """Kept centre per window, seconds: long enough that the context costs little, short enough
+    that activations (about 90 MB per mono second in float32) stay small on this device."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        # leave half of the free memory as headroom; two channels per batch
+        return float(max(10.0, min(600.0, free * 0.5 / (2 * 90e6))))
+    return 10.0
+
+
+def full_pass_limit_seconds(device: torch.device, channels: int) -> float:
+    """Longest file separated as one window; above it the engine chunks (same output within float
+    noise, see chunking.py) rather than exhausting memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free * 0.6 / (max(1, channels) * 90e6)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # Windows: no sysconf
+        avail = 8 << 30
+    return max(30.0, avail * 0.5 / (max(1, channels) * 90e6))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text or "not enough memory" in text)
+
+
+def _run_window(model, x: np.ndarray, cond: torch.Tensor) -> np.ndarray:
+    """Separate [C, n] float32 at 32 kHz; short windows are zero-padded to what the STFT needs."""
+    n = x.shape[1]
+    if n < MIN_WINDOW:
+        x = np.pad(x, ((0, 0), (0, MIN_WINDOW - n)))
+    wav = torch.from_numpy(np.ascontiguousarray(x)).to(model.device)
+    y = model.separate(wav, cond)
+    return y[:, :n].float().cpu().numpy()
+
+
+class _Pipeline:
+    """One attempt at a file with a fixed window plan; raises on OOM so the caller can retry."""
+
+    def __init__(self, model, reader_path: str, plans: list[audio_io.OutputPlan], options: SeparateOptions,
+                 cond: torch.Tensor, chunk_samples: int | None, progress, cancelled, warnings: list[str]):
+        self.model, self.path, self.plans, self.opt = model, reader_path, plans, options
+        self.cond, self.chunk_samples = cond, chunk_samples
+        self.progress, self.cancelled, self.warnings = progress, cancelled, warnings
+
+    def run(self) -> int:
+        with audio_io.BlockReader(self.path, READ_BLOCK, warnings=self.warnings) as reader:
+            sr, c_in, frames = reader.samplerate, reader.channels, reader.frames
+            mode = self.opt.output_channels
+            c_sep = audio_io.output_channel_count(c_in, mode) if mode == "stereo" and c_in > 2 else c_in
+            n32 = audio_io.resampled_length(frames, sr, SAMPLE_RATE)
+            ctx = seconds_to_samples(self.opt.context_seconds)
+            windows = plan_windows(n32, self.chunk_samples, ctx)
+            out_sr = self.plans[0].samplerate
+            out_frames = audio_io.resampled_length(frames, sr, out_sr)
+            to32 = audio_io.StreamResampler(c_sep, sr, SAMPLE_RATE)
+            back = audio_io.StreamResampler(c_sep, SAMPLE_RATE, out_sr)
+            need_mix = self.opt.mode == "remove" or len(self.plans) > 1
+            mix_rs = audio_io.StreamResampler(c_sep, sr, out_sr) if need_mix else None
+            mix_fifo: list[np.ndarray] = []
+            writers = [p.writer(expected_frames=out_frames, warnings=self.warnings) for p in self.plans]
+            for w in writers:
+                w.open()
+            try:
+                buf = np.zeros((c_sep, 0), np.float32)
+                buf_start = 0  # absolute 32 kHz index of buf[:, 0]
+                eof = False
+
+                def pull() -> bool:
+                    nonlocal buf, eof
+                    block = reader.read()
+                    last = block.shape[1] == 0
+                    if not last and c_sep != c_in:
+                        block = audio_io.map_channels(block, mode)
+                    if last:
+                        block = np.zeros((c_sep, 0), np.float32)
+                    y = to32.process(block, last=last, length=n32 if last else None)
+                    if mix_rs is not None:
+                        mix_fifo.append(mix_rs.process(block, last=last, length=out_frames if last else None))
+                    buf = np.concatenate([buf, y], axis=1) if buf.shape[1] else y
+                    eof = last
+                    return not last
+
+                done = 0
+                for i, win in enumerate(windows):
+                    if self.cancelled is not None and self.cancelled():
+                        raise AudioSepError(CANCELLED, "separation cancelled")
+                    while not eof and buf_start + buf.shape[1] < win.end:
+                        pull()
+                    seg = buf[:, win.start - buf_start : win.end - buf_start]
+                    y = _run_window(self.model, seg, self.cond)
+                    kept = y[:, win.keep_start - win.start : win.keep_end - win.start]
+                    next_start = windows[i + 1].start if i + 1 < len(windows) else win.end
+                    drop = next_start - buf_start
+                    if drop > 0:
+                        buf = buf[:, drop:]
+                        buf_start += drop
+                    last = i + 1 == len(windows)
+                    if last:
+                        while not eof:
+                            pull()
+                    out = back.process(kept, last=last, length=out_frames if last else None)
+                    self._emit(writers, out, mix_fifo)
+                    done += win.keep_end - win.keep_start
+                    if self.progress is not None:
+                        self.progress(done / max(1, n32))
+                if not windows:  # empty input never reaches here (read refuses it), kept for safety
+                    raise AudioSepError(OUTPUT_ERROR, "nothing to separate")
+                for w in writers:
+                    w.commit()
+            except BaseException:
+                for w in writers:
+                    w.abort()
+                raise
+            return len(windows)
+
+    def _emit(self, writers, out: np.ndarray, mix_fifo: list[np.ndarray]) -> None:
+        n = out.shape[1]
+        if n == 0:
+            return
+        mix = None
+        if mix_fifo is not None and (self.opt.mode == "remove" or len(writers) > 1):
+            mix = _take(mix_fifo, n, out.shape[0])
+        extracted = out
+        primary = extracted if self.opt.mode == "extract" else mix - extracted
+        blocks = [primary]
+        if len(writers) > 1:
+            blocks.append(mix - extracted if self.opt.mode == "extract" else extracted)
+        for w, plan, b in zip(writers, self.plans, blocks):
+            w.write(audio_io.map_channels(b, plan.channel_mode) if plan.channels != b.shape[0] else b)
+
+
+def _take(fifo: list[np.ndarray], n: int, channels: int) -> np.ndarray:
+    """Pop exactly ``n`` frames of mixture from the FIFO (the mixture resampler runs ahead)."""
+    parts, got = [], 0
+    while got < n and fifo:
+        head = fifo[0]
+        need = n - got
+        if head.shape[1] <= need:
+            parts.append(head)
+            got += head.shape[1]
+            fifo.pop(0)
+        else:
+            parts.append(head[:, :need])
+            fifo[0] = head[:, need:]
+            got = n
+    out = np.concatenate(parts, axis=1) if parts else np.zeros((channels, 0), np.float32)
+    if out.shape[1] < n:
+        out = np.pad(out, ((0, 0), (0, n - out.shape[1])))
+    return out
+
+
+def separate_file(model, input_path: str, output_path: str, text: str, options: SeparateOptions | None = None,
+                  progress: Callable[[float], None] | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> SeparationResult:
+    """Separate the sound described by ``text`` from ``input_path`` into ``output_path``."""
+    opt = (options or SeparateOptions()).validate()
+    warnings: list[str] = []
+    info = audio_io.probe(input_path)
+    targets = [output_path] + ([opt.residual_output] if opt.residual_output else [])
+    for t in targets:
+        if audio_io.same_file(t, input_path):
+            raise AudioSepError(OUTPUT_ERROR, f"output {t} is the input file; choose another output path")
+    if len(targets) == 2 and audio_io.same_file(targets[0], targets[1]):
+        raise AudioSepError(OUTPUT_ERROR, "output and residual_output are the same file")
+    out_opts = audio_io.OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
+    plans = [audio_io.prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
+    cond = model.embed_text(text)
+
+    duration = info.frames / info.samplerate
+    chunked = opt.use_chunk is True or (opt.use_chunk == "auto" and duration >= opt.chunk_seconds)
+    chunk_len = opt.chunk_length or default_chunk_length(model.device)
+    if not chunked and duration > full_pass_limit_seconds(model.device, min(info.channels, 2)):
+        log.warning("%.0f s is too long for one pass on %s: separating in exact chunks instead", duration, model.device)
+        warnings.append("file too long for a single pass in memory; separated in chunks (same output within float rounding)")
+        chunked = True
+    while True:
+        chunk_samples = seconds_to_samples(chunk_len) if chunked else None
+        pipe = _Pipeline(model, input_path, plans, opt, cond, chunk_samples, progress, cancelled, warnings)
+        try:
+            n_windows = pipe.run()
+            break
+        except AudioSepError:
+            raise
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            gc.collect()
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            smaller = (chunk_len if chunked else duration) / 2
+            if smaller * SAMPLE_RATE < 2 * GRID:
+                raise AudioSepError(OUT_OF_MEMORY, f"out of memory on {model.device} even with {smaller:.2f} s chunks") from None
+            log.warning("out of memory on %s; retrying with %.1f s chunks", model.device, smaller)
+            warnings.append(f"out of memory; retried with {smaller:.1f} s chunks")
+            chunked, chunk_len = True, smaller
+    return SeparationResult(
+        files=[p.path for p in plans], duration=duration, chunked=chunked, windows=n_windows,
+        chunk_length=chunk_len if chunked else None, use_torch_stft=model.use_torch_stft, warnings=warnings,
+    )
