@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The project's test command (what CI runs after installing):
+#   1. builds the frozen worker dist/dsu-audiosep/dsu-audiosep when it is missing or older than
+#      its sources (scripts/build_frozen.sh --if-stale);
+#   2. runs the quick pytest suite (everything not marked slow), with the frozen-binary tests
+#      required (DSU_REQUIRE_FROZEN=1: a missing build fails instead of skipping);
+#   3. runs the worker protocol suite (tests/test_worker.py) again, against the frozen binary
+#      over real pipes (DSU_WORKER_CMD).
+#
+#   scripts/test.sh                 all three steps
+#   scripts/test.sh --no-frozen     step 2 only, frozen tests skipped (no build needed)
+#   scripts/test.sh -- ARGS...      extra pytest arguments for step 2 (e.g. -k ping, -x)
+#
+# Python: $PYTHON, else the repo's .venv, else python3. Ends with one summary line
+# "summary: N passed, N failed, N skipped" over all pytest runs.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+frozen=1
+extra=()
+while (( $# )); do
+  case "$1" in
+    --no-frozen) frozen=0 ;;
+    --) shift; extra=("$@"); break ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "test.sh: unknown argument: $1 (pytest arguments go after --)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [[ -n "${PYTHON:-}" ]]; then
+  py="$PYTHON"
+elif [[ -x .venv/bin/python ]]; then
+  py=.venv/bin/python
+elif [[ -x .venv/Scripts/python.exe ]]; then  # Git Bash on Windows
+  py=.venv/Scripts/python.exe
+else
+  py=python3
+fi
+export PYTHON="$py"
+
+start=$(date +%s)
+reports=$(mktemp -d)
+trap 'rm -rf "$reports"' EXIT
+failed_steps=()
+
+exe=dist/dsu-audiosep/dsu-audiosep
+if (( frozen )); then
+  echo "== test.sh: frozen build (if stale)"
+  if ! scripts/build_frozen.sh --if-stale; then
+    failed_steps+=("frozen build")
+  fi
+  [[ -f "$exe.exe" ]] && exe="$exe.exe"
+  export DSU_REQUIRE_FROZEN=1
+else
+  export DSU_REQUIRE_FROZEN=0
+fi
+
+# pytest exit codes: 0 all passed, 1 some failed, 5 nothing collected (a broken selection or
+# an empty tests/ here, so it counts as a failure), anything else an internal/usage error.
+run_pytest() {
+  local name="$1"; shift
+  local rc=0
+  "$py" -m pytest -q -p no:cacheprovider --junitxml="$reports/$name.xml" "$@" || rc=$?
+  case "$rc" in
+    0) ;;
+    5) echo "test.sh: $name: pytest collected no tests" >&2; failed_steps+=("$name (no tests)") ;;
+    *) failed_steps+=("$name (pytest exit $rc)") ;;
+  esac
+}
+
+echo "== test.sh: quick suite"
+run_pytest quick-suite ${extra[@]+"${extra[@]}"}
+
+if (( frozen )) && [[ -f tests/test_worker.py ]]; then
+  echo "== test.sh: worker protocol suite against the frozen binary ($exe)"
+  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py
+fi
+
+"$py" - "$reports" "$(( $(date +%s) - start ))" ${failed_steps[@]+"${failed_steps[@]}"} <<'PYEOF'
+import sys, xml.etree.ElementTree as ET
+from pathlib import Path
+reports, seconds, failed_steps = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+tests = failures = skipped = 0
+for xml in sorted(reports.glob("*.xml")):
+    for suite in ET.parse(xml).getroot().iter("testsuite"):
+        tests += int(suite.get("tests", 0))
+        failures += int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skipped += int(suite.get("skipped", 0))
+passed = tests - failures - skipped
+if failed_steps:
+    print(f"test.sh: FAILED steps: {'; '.join(failed_steps)} ({seconds} s)")
+else:
+    print(f"test.sh: all steps passed ({seconds} s)")
+print(f"summary: {passed} passed, {failures} failed, {skipped} skipped")
+PYEOF
+
+(( ${#failed_steps[@]} == 0 ))
