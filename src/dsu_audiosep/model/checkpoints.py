@@ -123,7 +123,7 @@ def torch_load(path: str | os.PathLike, what: str, mmap: bool = False, trust: bo
         obj = torch.load(p, map_location="cpu", weights_only=not trust, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if "GLOBAL" in text or "Unsupported global" in text:
             detail = _unsupported_global(text)
             raise AudioSepError(
                 UNSAFE_CHECKPOINT,
@@ -131,8 +131,11 @@ def torch_load(path: str | os.PathLike, what: str, mmap: bool = False, trust: bo
                 "loaded. If you trust this file, load it with trust_checkpoint=true (or convert it once "
                 "with 'dsu-audiosep convert --trust-checkpoint').",
             ) from None
-        raise AudioSepError(INVALID_CHECKPOINT, f"{what} {p} is not a PyTorch checkpoint ({text.splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, ImportError, TypeError) as exc:
+        reason = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")), text.splitlines()[0] if text else "")
+        raise AudioSepError(INVALID_CHECKPOINT, f"{what} {p} is not a PyTorch checkpoint ({reason[:200]})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch.load fails in many ways on damaged files (IndexError, EOFError, ...)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise AudioSepError(INVALID_CHECKPOINT, f"{what} {p} is truncated, corrupt or not a PyTorch checkpoint ({first})") from None
     if trust:
