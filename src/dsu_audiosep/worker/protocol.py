@@ -1,0 +1,537 @@
+"""The worker's wire format: one JSON object per line in, one JSON object per line out.
+
+This module is pure (no torch, no I/O): it turns a raw stdin line into a validated ``Command`` or
+an ``AudioSepError`` carrying a stable code, and builds reply dicts and the bytes written for them.
+Validation happens here, before any work, so a bad field is reported by name and never reaches
+the engine half-checked.
+
+Rules a reader of the protocol can rely on:
+- every reply is one line of compact ASCII JSON (``ensure_ascii``): no odd bytes reach the parent;
+- NaN and Infinity are never written (JSON has no such values; some parsers reject them);
+- a command's ``id`` (any JSON value) is echoed in every reply to it, errors included, whenever
+  the line was parsed far enough to find it;
+- every error carries ``code`` (see ``dsu_audiosep.errors``) beside a human ``message``;
+- unknown fields are ignored, so a newer client can talk to an older worker.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
+
+from .. import errors
+from ..errors import AudioSepError
+
+# A 10 MB line must work; anything beyond this is refused as a whole (and its bytes dropped)
+# rather than buffered without bound.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+KNOWN_COMMANDS = (
+    "load_model",
+    "separate",
+    "get_status",
+    "ping",
+    "list_models",
+    "unload_model",
+    "clear_cache",
+    "cancel",
+    "exit",
+)
+
+# Statuses that are *not* the answer to a command: start-up lines, "still working" lines and the
+# shutdown notice. Every command gets exactly one reply whose status is not in this set.
+# (The parent app itself only waits for done / error / model_loaded / models / pong / exiting.)
+NON_TERMINAL_STATUSES = frozenset(
+    {"loading", "ready", "loading_model", "separating", "progress", "shutdown"}
+)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
+OUTPUT_CHANNELS = ("stereo", "input")
+MODES = ("extract", "remove")
+
+
+class _NoId:
+    """Marker for "the command carried no id" (``None`` is a valid id: JSON null)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NO_ID"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+NO_ID: Any = _NoId()
+
+
+class RequestError(AudioSepError):
+    """A line that could not become a command; ``request_id`` is echoed when it was found."""
+
+    def __init__(self, code: str, message: str, request_id: Any = NO_ID, cmd: str | None = None):
+        super().__init__(code, message)
+        self.request_id = request_id
+        self.cmd = cmd
+
+
+# --------------------------------------------------------------------------------------------
+# Typed arguments. ``None`` means "not given": the worker then falls back to command-line flag,
+# environment, policy file and default, in that order.
+
+
+@dataclass(frozen=True)
+class LoadModelArgs:
+    config_path: str | None = None
+    checkpoint_path: str | None = None
+    clap_checkpoint_path: str | None = None
+    roberta_dir: str | None = None
+    model_dir: str | None = None
+    device: str | None = None
+    mmap: bool | None = None
+    use_torch_stft: bool | str | None = None  # True, False or "auto"
+    auto_stft_seconds: float | None = None
+    chunk_seconds: float | None = None
+    chunk_length: float | None = None
+    precision: str | None = None
+    # Unpickle without weights_only (runs code from the file): only for files the user trusts.
+    trust_checkpoint: bool | None = None
+
+
+@dataclass(frozen=True)
+class SeparateArgs:
+    input: str
+    output: str
+    text: str = "speech"
+    use_chunk: bool | str | None = None  # True, False or "auto"
+    chunk_seconds: float | None = None
+    chunk_length: float | None = None
+    use_torch_stft: bool | str | None = None
+    auto_stft_seconds: float | None = None
+    output_sr: int | str | None = None  # Hz or "input"
+    output_subtype: str | None = None
+    output_channels: str | None = None
+    mode: str | None = None
+    residual_output: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelArgs:
+    target: Any
+
+
+@dataclass(frozen=True)
+class NoArgs:
+    pass
+
+
+Args = Union[LoadModelArgs, SeparateArgs, CancelArgs, NoArgs]
+
+
+@dataclass(frozen=True)
+class Command:
+    cmd: str
+    args: Args = field(default_factory=NoArgs)
+    id: Any = NO_ID
+    progress: bool = False
+
+    @property
+    def has_id(self) -> bool:
+        return self.id is not NO_ID
+
+
+# --------------------------------------------------------------------------------------------
+# Reading lines
+
+
+@dataclass(frozen=True)
+class OversizedLine:
+    """Stands in for a line longer than the limit; its bytes were discarded."""
+
+    size: int
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines without ever holding more than one limit's worth of a line.
+
+    Reading ``os.read`` chunks through this (rather than ``readline``) keeps a 1 GB line without a
+    newline from exhausting memory, and lets the reader thread use a raw file descriptor, which
+    avoids the interpreter-shutdown lock problem of a daemon thread blocked in a buffered reader.
+    """
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES):
+        self.max_line_bytes = max_line_bytes
+        self._buf = bytearray()
+        self._dropping = False  # inside an oversized line: discard until its newline
+        self._dropped = 0
+
+    def feed(self, chunk: bytes) -> Iterator[bytes | OversizedLine]:
+        start = 0
+        n = len(chunk)
+        while start < n:
+            nl = chunk.find(b"\n", start)
+            end = n if nl < 0 else nl
+            piece = chunk[start:end]
+            if self._dropping:
+                self._dropped += len(piece)
+            else:
+                self._buf += piece
+                if len(self._buf) > self.max_line_bytes:
+                    self._dropping = True
+                    self._dropped = len(self._buf)
+                    self._buf = bytearray()
+            if nl < 0:
+                break
+            if self._dropping:
+                yield OversizedLine(self._dropped)
+                self._dropping = False
+                self._dropped = 0
+            else:
+                yield bytes(self._buf)
+                self._buf = bytearray()
+            start = nl + 1
+
+    def finish(self) -> Iterator[bytes | OversizedLine]:
+        """End of stream: a last line without a newline is still a line."""
+        if self._dropping:
+            yield OversizedLine(self._dropped)
+        elif self._buf.strip():
+            yield bytes(self._buf)
+        self._buf = bytearray()
+        self._dropping = False
+        self._dropped = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_json_line(raw: bytes | OversizedLine) -> Any:
+    """Bytes of one line -> JSON value, or RequestError(INVALID_JSON)."""
+    if isinstance(raw, OversizedLine):
+        raise RequestError(
+            errors.INVALID_JSON,
+            f"line too long ({raw.size} bytes; the limit is {MAX_LINE_BYTES} bytes): "
+            "send one JSON object per line",
+        )
+    if len(raw) > MAX_LINE_BYTES:
+        raise RequestError(
+            errors.INVALID_JSON,
+            f"line too long ({len(raw)} bytes; the limit is {MAX_LINE_BYTES} bytes)",
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            errors.INVALID_JSON,
+            f"line is not valid UTF-8 (bad byte at position {exc.start}): send UTF-8 encoded JSON",
+        ) from None
+    # A UTF-8 byte-order mark may lead a line written by Windows tools; it is not part of JSON.
+    text = text.lstrip("\ufeff").strip()
+    if not text:
+        raise RequestError(
+            errors.INVALID_JSON, "empty line: expected one JSON object per line, e.g. {\"cmd\":\"ping\"}"
+        )
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise RequestError(errors.INVALID_JSON, "JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, huge integer literals
+        preview = text[:60] + ("..." if len(text) > 60 else "")
+        raise RequestError(
+            errors.INVALID_JSON, f"line is not valid JSON ({exc}): {preview!r}"
+        ) from None
+
+
+def parse_line(raw: bytes | OversizedLine) -> Command:
+    """One raw stdin line -> validated Command. Raises RequestError with a stable code."""
+    obj = decode_json_line(raw)
+    return parse_object(obj)
+
+
+def parse_object(obj: Any) -> Command:
+    if not isinstance(obj, dict):
+        raise RequestError(
+            errors.INVALID_COMMAND,
+            f"expected a JSON object like {{\"cmd\": \"ping\"}}, got {_json_type(obj)}",
+        )
+    request_id = obj["id"] if "id" in obj else NO_ID
+    if request_id is not NO_ID and not _is_echoable(request_id):
+        # An id holding e.g. 1e999 (parsed as infinity) cannot be written back as JSON.
+        raise RequestError(errors.INVALID_FIELD, "field 'id' cannot be echoed back as JSON")
+    if "cmd" not in obj:
+        raise RequestError(
+            errors.INVALID_COMMAND, "missing \"cmd\": every command needs a \"cmd\" string", request_id
+        )
+    cmd = obj["cmd"]
+    if not isinstance(cmd, str):
+        raise RequestError(
+            errors.INVALID_COMMAND,
+            f"\"cmd\" must be a string, got {_json_type(cmd)}",
+            request_id,
+        )
+    if cmd not in KNOWN_COMMANDS:
+        shown = cmd if len(cmd) <= 60 else cmd[:60] + "..."
+        raise RequestError(
+            errors.UNKNOWN_COMMAND,
+            f"unknown command {shown!r}; known commands: {', '.join(KNOWN_COMMANDS)}",
+            request_id,
+            cmd,
+        )
+    try:
+        progress = _opt_bool(obj, "progress") or False
+        if cmd == "load_model":
+            args: Args = _parse_load_model(obj)
+        elif cmd == "separate":
+            args = _parse_separate(obj)
+        elif cmd == "cancel":
+            if "target" not in obj:
+                raise AudioSepError(
+                    errors.MISSING_FIELD, "cancel needs \"target\": the id of the command to cancel"
+                )
+            if not _is_echoable(obj["target"]):
+                raise AudioSepError(errors.INVALID_FIELD, "\"target\" must be a JSON id value")
+            args = CancelArgs(target=obj["target"])
+        else:
+            args = NoArgs()
+    except AudioSepError as exc:
+        raise RequestError(exc.code, f"{cmd}: {exc.message}", request_id, cmd) from None
+    return Command(cmd=cmd, args=args, id=request_id, progress=progress)
+
+
+def _parse_load_model(obj: dict) -> LoadModelArgs:
+    args = LoadModelArgs(
+        config_path=_opt_path(obj, "config_path"),
+        checkpoint_path=_opt_path(obj, "checkpoint_path"),
+        clap_checkpoint_path=_opt_path(obj, "clap_checkpoint_path"),
+        roberta_dir=_opt_path(obj, "roberta_dir"),
+        model_dir=_opt_path(obj, "model_dir"),
+        device=_opt_device(obj, "device"),
+        mmap=_opt_bool(obj, "mmap"),
+        use_torch_stft=_opt_bool_or_auto(obj, "use_torch_stft"),
+        auto_stft_seconds=_opt_positive_number(obj, "auto_stft_seconds"),
+        chunk_seconds=_opt_positive_number(obj, "chunk_seconds"),
+        chunk_length=_opt_positive_number(obj, "chunk_length"),
+        precision=_opt_choice(obj, "precision", PRECISIONS, fold=str.lower),
+        trust_checkpoint=_opt_bool(obj, "trust_checkpoint"),
+    )
+    # The check for "checkpoint_path or model_dir" happens in the worker: like the original
+    # worker, it falls back to checkpoint/audiosep_base_4M_steps.ckpt beside the executable
+    # when that file exists, and reports MISSING_FIELD otherwise.
+    return args
+
+
+def _parse_separate(obj: dict) -> SeparateArgs:
+    missing = [name for name in ("input", "output") if obj.get(name) is None]
+    if missing:
+        raise AudioSepError(
+            errors.MISSING_FIELD,
+            "missing " + " and ".join(f"\"{m}\"" for m in missing)
+            + " (separate needs the input audio path and the output path)",
+        )
+    text = obj.get("text")
+    if text is None:
+        text = "speech"  # the original worker's default query
+    elif not isinstance(text, str):
+        raise AudioSepError(errors.INVALID_FIELD, f"\"text\" must be a string, got {_json_type(text)}")
+    return SeparateArgs(
+        input=_opt_path(obj, "input"),  # type: ignore[arg-type]  # presence checked above
+        output=_opt_path(obj, "output"),  # type: ignore[arg-type]
+        text=text,
+        use_chunk=_opt_bool_or_auto(obj, "use_chunk"),
+        chunk_seconds=_opt_positive_number(obj, "chunk_seconds"),
+        chunk_length=_opt_positive_number(obj, "chunk_length"),
+        use_torch_stft=_opt_bool_or_auto(obj, "use_torch_stft"),
+        auto_stft_seconds=_opt_positive_number(obj, "auto_stft_seconds"),
+        output_sr=_opt_output_sr(obj, "output_sr"),
+        output_subtype=_opt_choice(obj, "output_subtype", OUTPUT_SUBTYPES, fold=str.upper),
+        output_channels=_opt_choice(obj, "output_channels", OUTPUT_CHANNELS, fold=str.lower),
+        mode=_opt_choice(obj, "mode", MODES, fold=str.lower),
+        residual_output=_opt_path(obj, "residual_output"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Field validators. JSON null counts as "not given" for every optional field: clients often
+# send {"clap_checkpoint_path": null} to mean "use the default".
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return f"string {shown!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _bad(name: str, expected: str, value: Any) -> AudioSepError:
+    return AudioSepError(errors.INVALID_FIELD, f"\"{name}\" must be {expected}, got {_json_type(value)}")
+
+
+def _opt_path(obj: dict, name: str) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _bad(name, "a path string", value)
+    if not value.strip():
+        raise AudioSepError(errors.INVALID_FIELD, f"\"{name}\" is an empty path")
+    if "\x00" in value:
+        raise AudioSepError(errors.INVALID_FIELD, f"\"{name}\" contains a NUL character")
+    try:
+        # Lone surrogates (legal in JSON escapes) cannot name a file on any platform.
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise AudioSepError(
+            errors.INVALID_FIELD, f"\"{name}\" contains characters that cannot be part of a path"
+        ) from None
+    return value
+
+
+def _opt_device(obj: dict, name: str) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(name, "a device name such as \"cpu\", \"cuda\", \"cuda:1\", \"mps\" or \"auto\"", value)
+    return value.strip()
+
+
+def _opt_bool(obj: dict, name: str) -> bool | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise _bad(name, "true or false", value)
+    return value
+
+
+def _opt_bool_or_auto(obj: dict, name: str) -> bool | str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    raise _bad(name, "true, false or \"auto\"", value)
+
+
+def _opt_positive_number(obj: dict, name: str) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, "a positive number of seconds", value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal too large for a float
+        raise _bad(name, "a positive finite number of seconds", value) from None
+    if not math.isfinite(number) or number <= 0:
+        raise _bad(name, "a positive finite number of seconds", value)
+    return number
+
+
+def _opt_output_sr(obj: dict, name: str) -> int | str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "input":
+        return "input"
+    if isinstance(value, bool):
+        raise _bad(name, "a sample rate in Hz (e.g. 44100) or \"input\"", value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or value <= 0 or value > 1_000_000:
+        raise _bad(name, "a sample rate in Hz between 1 and 1000000 (e.g. 44100) or \"input\"", value)
+    return value
+
+
+def _opt_choice(obj: dict, name: str, choices: tuple[str, ...], fold=None) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        folded = fold(value.strip()) if fold else value
+        if folded in choices:
+            return folded
+    raise _bad(name, "one of " + ", ".join(f"\"{c}\"" for c in choices), value)
+
+
+# --------------------------------------------------------------------------------------------
+# Replies
+
+
+def _is_echoable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (ValueError, TypeError, RecursionError):
+        return False
+
+
+def reply(status: str, request_id: Any = NO_ID, **fields: Any) -> dict:
+    """A reply dict; ``id`` is added only when the command carried one."""
+    out: dict[str, Any] = {"status": status}
+    out.update(fields)
+    if request_id is not NO_ID:
+        out["id"] = request_id
+    return out
+
+
+def error_reply(code: str, message: str, request_id: Any = NO_ID, **fields: Any) -> dict:
+    return reply("error", request_id, code=code, message=message, **fields)
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace what JSON cannot carry (NaN, Infinity, odd objects) by null / strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def encode_reply(obj: dict) -> bytes:
+    """Serialise a reply as one compact ASCII JSON line, newline included. Never raises."""
+    try:
+        text = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    except (ValueError, TypeError, RecursionError):
+        try:
+            text = json.dumps(_json_safe(obj), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        except (ValueError, TypeError, RecursionError):
+            safe = {"status": obj.get("status") if isinstance(obj.get("status"), str) else "error"}
+            text = json.dumps(safe, ensure_ascii=True)
+    # ensure_ascii escapes every control character, so the line cannot contain a raw newline.
+    return text.encode("ascii") + b"\n"
+
+
+def id_key(value: Any) -> str:
+    """A canonical, hashable form of a JSON id, for matching cancel targets.
+
+    JSON 1, 1.0 and true are different ids; Python would call them equal, so compare by text.
+    """
+    return json.dumps(value, sort_keys=True, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
