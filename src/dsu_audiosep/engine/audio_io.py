@@ -821,7 +821,8 @@ class AtomicWriter:
     ):
         self.path, self.folder = _check_output_target(path)
         self.format = output_format_for(self.path)
-        subtype = OutputOptions(samplerate=int(samplerate), subtype=subtype).validate().subtype
+        if not (self.format == "OGG" and subtype == "VORBIS"):  # an OutputPlan's resolved Ogg subtype
+            subtype = OutputOptions(samplerate=int(samplerate), subtype=subtype).validate().subtype
         self.subtype = _container_subtype(self.format, subtype, self.path)
         if int(channels) <= 0:
             raise ValueError("channels must be positive")
