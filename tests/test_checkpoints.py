@@ -88,7 +88,7 @@ def test_fork_torch_stft_checkpoint_loads_in_both_modes(model_files, fixtures_di
     for use_t, ref in ((True, "out_torchstft"), (False, "out_torchlibrosa")):
         m = _load(model_files, checkpoint_path=str(p), use_torch_stft=use_t)
         y = m.separate(x, c)[0].numpy()
-        assert np.abs(y - sep_fixture[ref]).max() <= 1e-5 * np.abs(sep_fixture[ref]).max()
+        assert np.abs(y - sep_fixture[ref]).max() <= 5e-5 * np.abs(sep_fixture[ref]).max()
 
 
 def test_roberta_folder_weights_are_used_below_clap(model_files, base_sd, reference_embedding, tmp_path):

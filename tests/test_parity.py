@@ -43,13 +43,15 @@ def test_full_pass_matches_original_for_both_stft_implementations(model, sep_fix
     c = torch.from_numpy(sep_fixture["condition"])
     assert not model.use_torch_stft
     y_conv = model.separate(x, c)[0].numpy()
-    assert _peak_err(y_conv, sep_fixture["out_torchlibrosa"]) <= 1e-5
+    # SPEC: <= 1e-4 of the peak. Observed 5e-6..1.2e-5: oneDNN picks channels-last kernels whose
+    # summation order varies slightly from run to run.
+    assert _peak_err(y_conv, sep_fixture["out_torchlibrosa"]) <= 5e-5
     model.set_stft(True)
     try:
         y_torch = model.separate(x, c)[0].numpy()
     finally:
         model.set_stft(False)
-    assert _peak_err(y_torch, sep_fixture["out_torchstft"]) <= 1e-5
+    assert _peak_err(y_torch, sep_fixture["out_torchstft"]) <= 5e-5
     assert np.abs(y_conv - y_torch).max() <= 5e-6
     # switching back restores the checkpoint's own conv kernels
     assert np.array_equal(model.separate(x, c)[0].numpy(), y_conv)
@@ -62,7 +64,7 @@ def test_model_built_with_torch_stft_matches(model_files, sep_fixture):
                        roberta_dir=str(model_files["roberta_dir"]), use_torch_stft=True)
     assert m.use_torch_stft
     y = m.separate(torch.from_numpy(sep_fixture["mixture"])[None], torch.from_numpy(sep_fixture["condition"]))[0].numpy()
-    assert _peak_err(y, sep_fixture["out_torchstft"]) <= 1e-5
+    assert _peak_err(y, sep_fixture["out_torchstft"]) <= 5e-5
 
 
 def test_text_embedding_matches_original(model, fixtures_dir):
