@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -659,3 +657,90 @@ def test_one_shot_separate(worker_cmd, demo_model, tmp_path):
                                                  demo_model["garbage_checkpoint_path"]],
                          capture_output=True, timeout=600, env=clean_env())
     assert bad.returncode == 1 and b"invalid_checkpoint" in bad.stderr and bad.stdout == b""
+
+
+# ============================================================================================
+# faults and load
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX signals")
+def test_kill_9_mid_job_leaves_nothing_at_the_output_path(spawn, demo_model, tmp_path):
+    client = spawn()
+    client.wait_ready()
+    _out_dir, out = start_long_job(client, demo_model, tmp_path, "k9")
+    client.proc.kill()  # no handler can run: only the atomic write protects the output path
+    client.wait_exit(timeout=60)
+    assert not out.exists()
+
+
+def test_evicted_real_model_is_freed_in_process(demo_model):
+    # What pipes cannot show: the evicted AudioSep object is really gone after eviction.
+    import weakref
+
+    from dsu_audiosep.worker import loop, policy
+    from dsu_audiosep.worker import protocol as P
+
+    class Sink:
+        def send(self, obj, lock_timeout=None):
+            return True
+
+    worker = loop.Worker(Sink(), policy.Settings(max_cached_models=1))
+    first = worker.execute(P.parse_object(load_cmd(demo_model)))
+    assert first["status"] == "model_loaded", first
+    ref = weakref.ref(worker.current.model)
+    second = worker.execute(P.parse_object(load_cmd(demo_model, checkpoint_path=demo_model["twin_checkpoint_path"])))
+    assert second["status"] == "model_loaded" and second["cache_size"] == 1
+    assert ref() is None
+    worker.execute(P.parse_object({"cmd": "clear_cache"}))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)")
+def test_soak_500_jobs_rss_flat(spawn, demo_model, tmp_path):
+    """Run with: pytest -m slow tests/test_worker.py -k soak"""
+    client = spawn()
+    client.request(load_cmd(demo_model, mmap=False), timeout=300)
+    mix = write_wav(tmp_path / "m.wav", 0.25)
+    texts = ["speech", "dog barking", "a piano", "rain", "guitar"]
+    samples = []
+    for i in range(500):
+        reply = client.request({"cmd": "separate", "input": str(mix), "output": str(tmp_path / f"o{i % 3}.wav"),
+                                "text": texts[i % len(texts)]}, timeout=300)
+        assert reply["status"] == "done", reply
+        if i % 50 == 49:
+            samples.append(rss_bytes(client.proc.pid))
+    warm = samples[1]  # after 100 jobs: caches (text embeddings, allocator) are warm
+    assert max(samples[1:]) <= warm * 1.05, [s >> 20 for s in samples]
+    assert_alive(client)
+
+
+@pytest.fixture(scope="session")
+def converted_dir(demo_model, tmp_path_factory) -> str:
+    convert = pytest.importorskip("dsu_audiosep.model.convert")
+    out = tmp_path_factory.mktemp("converted") / "audiosep_demo_converted"
+    convert.convert(checkpoint_path=demo_model["checkpoint_path"], roberta_dir=demo_model["roberta_dir"],
+                    out_dir=str(out))
+    return str(out)
+
+
+def test_load_converted_model_dir(spawn, converted_dir, tmp_path):
+    client = spawn()
+    loaded, before = client.request_all({"cmd": "load_model", "model_dir": converted_dir, "id": "md"}, timeout=300)
+    assert loaded["status"] == "model_loaded", loaded
+    assert before[-1] == {"status": "loading_model", "model": converted_dir, "id": "md"}
+    assert loaded["model_dir"] == converted_dir and loaded["checkpoint_path"] is None
+    assert EXACT_MODEL_LOADED <= set(loaded)
+    mix = write_wav(tmp_path / "m.wav", 0.4)
+    done = client.request({"cmd": "separate", "input": str(mix), "output": str(tmp_path / "o.flac"),
+                           "output_subtype": "PCM_24"}, timeout=300)
+    assert done["status"] == "done" and done["files"] == [str(tmp_path / "o.flac")]
+    status = client.request({"cmd": "get_status"})
+    assert status["model_dir"] == converted_dir and status["model_loaded"] is True
