@@ -21,6 +21,8 @@ from typing import Iterable
 
 import torch
 
+from .model.skeleton import skeleton
+
 from .synthetic import schema_of, synthetic_state_dict
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -61,7 +63,7 @@ def runtime_schema(use_torch_stft: bool = False, position_ids: bool = True) -> l
     from .model.resunet import ResUNet30
     from .model.text import RobertaConfig, TextEncoder
 
-    with torch.device("meta"):
+    with skeleton():
         ss = schema_of(ResUNet30(use_torch_stft=use_torch_stft).state_dict(), "ss_model.")
         text = schema_of(TextEncoder(RobertaConfig.from_dir(DEMO_TOKENIZER)).state_dict(), "query_encoder.model.")
     extra = [("query_encoder.model.text_branch.embeddings.position_ids", (1, 514), torch.int64)] if position_ids else []

@@ -1,10 +1,11 @@
 """AudioSep = text encoder (CLAP text branch) + ResUNet30 separator, as one loaded object."""
 from __future__ import annotations
 
-from itertools import chain
 from typing import Callable, Mapping
 
 import torch
+
+from .skeleton import skeleton
 from torch import nn
 
 from .resunet import ResUNet30
@@ -16,16 +17,12 @@ SAMPLE_RATE = 32000
 def materialize(factory: Callable[[], nn.Module], weights: Mapping[str, torch.Tensor]) -> nn.Module:
     """Build ``factory()`` around ``weights`` without paying for a random initialisation.
 
-    The module is created on the meta device and the tensors are assigned, not copied, so
-    memory-mapped checkpoint tensors stay mapped. Anything the weights do not cover (a
-    non-persistent buffer) makes us fall back to a normal build.
+    The tensors are assigned, not copied, so memory-mapped checkpoint tensors stay mapped; strict
+    loading guarantees that no uninitialised parameter or buffer survives.
     """
-    with torch.device("meta"):
+    with skeleton():
         module = factory()
-    module.load_state_dict(weights, strict=False, assign=True)
-    if any(t.is_meta for t in chain(module.parameters(), module.buffers())):
-        module = factory()
-        module.load_state_dict(weights, strict=False)
+    module.load_state_dict(weights, strict=True, assign=True)
     for p in module.parameters():
         p.requires_grad_(False)
     return module.eval()

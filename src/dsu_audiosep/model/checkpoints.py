@@ -29,6 +29,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .skeleton import skeleton
+
 from ..errors import (
     FILE_NOT_FOUND,
     INVALID_CHECKPOINT,
@@ -208,12 +210,12 @@ def separator_weights(sd: Mapping[str, torch.Tensor], use_torch_stft: bool, sour
             conv[k] = ss.pop("base." + k)
     for k in TORCH_STFT_KEYS:
         ss.pop("base." + k, None)  # a window is a constant; ours is built in
-    with torch.device("meta"):
+    with skeleton():
         reference = ResUNet30(use_torch_stft=True).state_dict()
     expected = {k: v for k, v in reference.items() if not k.startswith(("base.stft.", "base.istft."))}
     check_tensors(expected, ss, source, "ss_model.")
     if conv:
-        with torch.device("meta"):
+        with skeleton():
             ref_conv = {k[len("base."):]: v for k, v in ResUNet30(use_torch_stft=False).state_dict().items() if k[len("base."):] in CONV_STFT_KEYS}
         if len(conv) != len(CONV_STFT_KEYS):
             conv_missing = [k for k in CONV_STFT_KEYS if k not in conv]
@@ -333,7 +335,7 @@ def load_model(
     rdir = find_roberta_dir(roberta_dir, [ckpt_path.resolve().parent, exe_dir])
     tokenizer = Tokenizer.from_dir(rdir)
     rcfg = RobertaConfig.from_dir(rdir)
-    with torch.device("meta"):
+    with skeleton():
         text_ref = TextEncoder(rcfg).state_dict()
     text_ref = {k: v for k, v in text_ref.items() if k not in OPTIONAL_TEXT_KEYS}
 

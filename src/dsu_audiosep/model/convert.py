@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .skeleton import skeleton
+
 from ..errors import FILE_NOT_FOUND, INVALID_CHECKPOINT, OUTPUT_ERROR, AudioSepError
 
 FORMAT = "dsu-audiosep-converted"
@@ -115,7 +117,7 @@ def load_converted(model_dir: str | os.PathLike, *, device: str = "cpu", mmap: b
     ss = {k[len("ss_model."):]: v for k, v in sd.items() if k.startswith("ss_model.")}
     conv = {k[len("base."):]: ss.pop(k) for k in list(ss) if k.startswith(("base.stft.", "base.istft."))}
     text = {k[len("text_encoder."):]: v for k, v in sd.items() if k.startswith("text_encoder.")}
-    with torch.device("meta"):
+    with skeleton():
         ref_ss = {k: v for k, v in ResUNet30(use_torch_stft=True).state_dict().items() if not k.startswith(("base.stft.", "base.istft."))}
         ref_text = TextEncoder(rcfg).state_dict()
     check_tensors(ref_ss, ss, str(weights), "ss_model.")
