@@ -81,10 +81,13 @@ class ConvBlockRes(nn.Module):
             return (self.shortcut(x) if self.shortcut is not None else x) + h
         # Inference with one condition: BN1 + beta1 is one multiply-add, and BN2 + beta2 folds
         # into conv1's weights and bias, so each stage costs one pass over memory besides its conv.
+        # Intermediates are dropped as soon as they are consumed: at full resolution each one is
+        # 13 MB per channel-group and audio-second, and they set the peak memory of a window.
         s1, t1, w1, t2 = _folded(self, self._fold)
         a = F.leaky_relu_(torch.addcmul((t1 + b1[0, :, 0, 0])[None, :, None, None], x, s1[None, :, None, None]), LEAKY_SLOPE)
-        h = F.leaky_relu_(F.conv2d(a, w1, t2 + b2[0, :, 0, 0], padding=1), LEAKY_SLOPE)
-        h = self.conv2(h)
+        h = F.conv2d(a, w1, t2 + b2[0, :, 0, 0], padding=1)
+        del a
+        h = self.conv2(F.leaky_relu_(h, LEAKY_SLOPE))
         return h.add_(self.shortcut(x) if self.shortcut is not None else x)
 
 
@@ -121,7 +124,11 @@ class DecoderBlock(nn.Module):
         else:
             s1, t1 = _folded(self, lambda: bn_affine(self.bn1))
             a = F.leaky_relu_(torch.addcmul((t1 + b1[0, :, 0, 0])[None, :, None, None], x, s1[None, :, None, None]), LEAKY_SLOPE)
-        return self.conv_block2(torch.cat((self.conv1(a), skip), dim=1), betas)
+        up = self.conv1(a)
+        del a, x
+        joined = torch.cat((up, skip), dim=1)
+        del up, skip
+        return self.conv_block2(joined, betas)
 
 
 class ResUNet30Base(nn.Module):
@@ -193,8 +200,8 @@ class ResUNet30Base(nn.Module):
             x, h = enc(x, betas)
             skips.append(h)
         x, _ = self.conv_block7a(x, betas)
-        for dec, skip in zip(self.decoders(), reversed(skips)):
-            x = dec(x, skip, betas)
+        for dec in self.decoders():
+            x = dec(x, skips.pop(), betas)  # pop: each skip is freed once its decoder has used it
         x = self.after_conv(x)
         x = F.pad(x, (0, 1))  # the dropped bin comes back as zeros
         return x[:, :, :frames, :]
