@@ -46,10 +46,12 @@ PACKAGES = [
     "yaml",
 ]
 
-# Never needed at inference time. sympy/mpmath/networkx are only reached by torch.compile,
-# torch.export and dynamic shapes (torch._dynamo/_inductor cannot even import without sympy),
-# so those torch subpackages go too; measured: model forward (both STFTs), torch.load(mmap),
-# safetensors and SDPA import none of them.
+# Never needed at inference time. torch's compiler stack itself stays, because eager code
+# reaches it: every torch._check() imports torch.fx.experimental.symbolic_shapes (hence sympy,
+# mpmath), and functions wrapped by torch._disable_dynamo import torch._dynamo (which imports
+# part of torch._inductor) on first call; e.g. a tensor factory under torch.device("meta")
+# runs Python decompositions that do both. What only compiling/exporting needs goes: networkx,
+# jinja2, filelock, fsspec (torch.compile would fail, as it must here anyway: no compiler).
 EXCLUDES = [
     # test-time oracles and tooling
     "transformers", "huggingface_hub", "torchvision", "torchaudio", "torchcodec",
@@ -58,14 +60,33 @@ EXCLUDES = [
     # GUI / plotting / science stacks nothing of ours uses
     "tkinter", "_tkinter", "matplotlib", "scipy", "pandas", "PIL",
     # torch's compiler stack and what only it needs
-    "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec",
-    "torch._inductor", "torch._dynamo", "torch.utils.tensorboard", "tensorboard",
+    "networkx", "jinja2", "markupsafe", "filelock", "fsspec",
+    "torch.utils.tensorboard", "tensorboard",
     # optional pretty-printers and debug helpers pulled in by tqdm/torch extras
     "rich", "pygments", "markdown_it", "mdurl", "sqlite3", "xmlrpc", "pydoc_data",
     "readline", "curses",  # only interactive pdb/cmd use them, inside try/except
     # test and example trees
     "numpy.tests", "torch.testing._internal.opinfo", "torch.testing._internal.distributed",
+    # sympy fields that torch's shape reasoning never touches (it uses core, logic, functions,
+    # printing and what sympy itself imports at start)
+    "sympy.physics", "sympy.stats", "sympy.vector", "sympy.diffgeom", "sympy.crypto",
+    "sympy.liealgebras", "sympy.categories", "sympy.sandbox", "sympy.holonomic",
+    "sympy.benchmarks",
 ]
+
+
+def _test_packages(*top_level: str) -> list[str]:
+    """Dotted names of every ``tests`` package inside the given installed packages."""
+    names = []
+    for top in top_level:
+        spec = importlib.util.find_spec(top)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for init in root.rglob("tests/__init__.py"):
+            rel = init.parent.relative_to(root.parent)
+            names.append(".".join(rel.parts))
+    return sorted(names)
 
 
 def _launcher() -> Path:
@@ -101,7 +122,7 @@ def _overload_sources() -> list[tuple[Path, str]]:
     """
     torch_dir = _torch_dir()
     site = torch_dir.parent
-    skipped = {"_inductor", "_dynamo", "testing", "include", "share", "bin"}
+    skipped = {"testing", "include", "share", "bin"}
     found = []
     for src in torch_dir.rglob("*.py"):
         rel = src.relative_to(site)
@@ -131,9 +152,8 @@ def _prune(target: Path) -> None:
         for entry in torch_lib.iterdir():
             if any(tag in entry.name for tag in _TEST_LIBS):
                 entry.unlink()
-    # The torch hook copies every config.py as a file, including those of the excluded
-    # compiler packages: left there they would turn torch._dynamo/_inductor into importable
-    # namespace packages that fail half-way instead of cleanly.
+    # The torch hook copies every config.py as a file, even inside excluded packages: left
+    # there they would turn those into importable namespace packages that fail half-way.
     excluded_dirs = [Path("lib", *name.split(".")) for name in EXCLUDES]
     for rel in [Path("lib/torch/include"), Path("lib/torch/share"), *excluded_dirs]:
         p = target / rel
@@ -204,7 +224,7 @@ def main() -> None:
             "build_exe": {
                 "build_exe": str(TARGET_DIR),
                 "packages": PACKAGES,
-                "excludes": EXCLUDES,
+                "excludes": EXCLUDES + _test_packages("sympy", "mpmath"),
                 "include_files": include_files,
                 # Keep co_filename relative to lib/: tracebacks don't leak the build machine's
                 # paths, and nothing can silently find sources in the build venv during tests.
