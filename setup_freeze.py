@@ -96,8 +96,16 @@ def _launcher() -> Path:
         return Path(override).resolve()
     BUILD_TMP.mkdir(parents=True, exist_ok=True)
     script = BUILD_TMP / "dsu_audiosep_launcher.py"
+    # The python executable ignores SIGPIPE and SIGXFSZ at start (a write to a vanished reader
+    # or past a size limit becomes an OSError); cx_Freeze's launcher leaves the default action,
+    # which kills the process. Restore python's behaviour so the frozen build acts like
+    # `python -m dsu_audiosep` (getattr: Windows has neither signal).
     script.write_text(
+        "import signal\n"
         "import sys\n"
+        "for _name in ('SIGPIPE', 'SIGXFSZ'):\n"
+        "    if hasattr(signal, _name):\n"
+        "        signal.signal(getattr(signal, _name), signal.SIG_IGN)\n"
         "from dsu_audiosep.cli import main\n"
         "sys.exit(main())\n",
         encoding="utf-8",
