@@ -431,6 +431,13 @@ def write_wav(path: Path, seconds: float, channels: int = 2, sr: int = 44100) ->
     return path
 
 
+def load(client: WorkerClient, model: dict, **extra) -> dict:
+    """load_model that must succeed (so a broken load fails here, not as a later timeout)."""
+    reply = client.request(load_cmd(model, **extra), timeout=300)
+    assert reply["status"] == "model_loaded", reply
+    return reply
+
+
 def load_cmd(model: dict, **extra) -> dict:
     cmd = {"cmd": "load_model", "checkpoint_path": model["checkpoint_path"], "roberta_dir": model["roberta_dir"],
            "mmap": True}
@@ -475,7 +482,7 @@ def test_separate_writes_contract_output(model_worker, demo_model, tmp_path):
     import soundfile as sf
 
     client = model_worker
-    client.request(load_cmd(demo_model), timeout=300)
+    load(client, demo_model)
     mix = write_wav(tmp_path / "mono 22k.wav", 1.5, channels=1, sr=22050)
     out = tmp_path / "out.wav"
     done, before = client.request_all({"cmd": "separate", "input": str(mix), "output": str(out), "text": "a dog",
@@ -506,7 +513,7 @@ def test_auto_stft_switches_by_duration_without_reloading(model_worker, demo_mod
 
 def test_eviction_and_failed_load_keep_worker_usable(model_worker, demo_model, tmp_path):
     client = model_worker
-    client.request(load_cmd(demo_model), timeout=300)
+    load(client, demo_model)
     twin = client.request(load_cmd(demo_model, checkpoint_path=demo_model["twin_checkpoint_path"]), timeout=300)
     assert twin["cached"] is False and twin["cache_size"] == 1  # the first one was evicted
     models = client.request({"cmd": "list_models"})["models"]
@@ -525,7 +532,7 @@ def test_eviction_and_failed_load_keep_worker_usable(model_worker, demo_model, t
 
 def test_separate_errors_keep_worker_serving(model_worker, demo_model, tmp_path):
     client = model_worker
-    client.request(load_cmd(demo_model), timeout=300)
+    load(client, demo_model)
     missing = client.request({"cmd": "separate", "input": str(tmp_path / "none.wav"), "output": str(tmp_path / "o.wav")})
     assert missing["code"] == "file_not_found"
     notaudio = tmp_path / "text.wav"
@@ -540,13 +547,13 @@ def test_separate_errors_keep_worker_serving(model_worker, demo_model, tmp_path)
 
 def test_unload_and_clear_cache(model_worker, demo_model, tmp_path):
     client = model_worker
-    client.request(load_cmd(demo_model), timeout=300)
+    load(client, demo_model)
     reply = client.request({"cmd": "unload_model"})
     assert reply["status"] == "models" and reply["model_loaded"] is False and len(reply["unloaded"]) == 1
     mix = write_wav(tmp_path / "m.wav", 0.3)
     assert client.request({"cmd": "separate", "input": str(mix), "output": str(tmp_path / "o.wav")})["code"] == \
         "model_not_loaded"
-    client.request(load_cmd(demo_model), timeout=300)
+    load(client, demo_model)
     reply = client.request({"cmd": "clear_cache"})
     assert reply["status"] == "models" and reply["models"] == [] and reply["cache_size"] == 0
     assert reply["status"] in PARENT_TERMINAL
@@ -558,7 +565,7 @@ def leftovers(folder: Path, keep: set[str]) -> list[str]:
 
 def start_long_job(client: WorkerClient, demo_model: dict, tmp_path: Path, job_id: str) -> tuple[Path, Path]:
     """A job with many chunks (short kept centre), started and seen making progress."""
-    client.request(load_cmd(demo_model), timeout=300)
+    load(client, demo_model)
     mix = write_wav(tmp_path / "long.wav", 4.0)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -599,7 +606,7 @@ def test_sigterm_mid_job_leaves_no_partial_output(spawn, demo_model, tmp_path):
 
 def test_end_of_stdin_mid_job_finishes_the_job(spawn, demo_model, tmp_path):
     client = spawn()
-    client.request(load_cmd(demo_model), timeout=300)
+    load(client, demo_model)
     mix = write_wav(tmp_path / "m.wav", 0.5)
     out = tmp_path / "o.wav"
     client.send({"cmd": "separate", "input": str(mix), "output": str(out), "id": "last"})
@@ -707,7 +714,7 @@ def rss_bytes(pid: int) -> int:
 def test_soak_500_jobs_rss_flat(spawn, demo_model, tmp_path):
     """Run with: pytest -m slow tests/test_worker.py -k soak"""
     client = spawn()
-    client.request(load_cmd(demo_model, mmap=False), timeout=300)
+    load(client, demo_model, mmap=False)
     mix = write_wav(tmp_path / "m.wav", 0.25)
     texts = ["speech", "dog barking", "a piano", "rain", "guitar"]
     samples = []

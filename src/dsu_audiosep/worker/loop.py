@@ -929,6 +929,15 @@ def _install_signal_handlers(worker: Worker) -> None:
         if worker.signal_name is None:
             worker.signal_name = name
 
+    # A vanished parent must surface as EPIPE on write (handled: the worker ends cleanly), not
+    # kill the process. python itself ignores SIGPIPE, but an embedding launcher such as the
+    # cx_Freeze executable may leave the default action (terminate) in place.
+    sigpipe = getattr(signal, "SIGPIPE", None)
+    if sigpipe is not None:
+        try:
+            signal.signal(sigpipe, signal.SIG_IGN)
+        except (OSError, ValueError, RuntimeError):
+            pass
     for name in ("SIGTERM", "SIGINT", "SIGBREAK", "SIGHUP"):
         signum = getattr(signal, name, None)
         if signum is None:
