@@ -39,6 +39,7 @@ class AudioSep(nn.Module):
         # Kept so that switching to the conv STFT later uses the checkpoint's own kernels.
         self._conv_kernels = conv_kernels
         self.precision = "fp32"
+        self.sources: dict[str, str | None] = {}  # the files it was loaded from, as resolved
 
     @classmethod
     def from_weights(cls, ss: Mapping[str, torch.Tensor], conv: Mapping[str, torch.Tensor] | None,

@@ -358,4 +358,6 @@ def load_model(
     text_sd = text_weights(sources, text_ref)
 
     model = AudioSep.from_weights(ss, conv, text_sd, tokenizer, rcfg, use_torch_stft=use_torch_stft)
+    model.sources = {"checkpoint_path": str(ckpt_path), "clap_checkpoint_path": None if clap_checkpoint_path is None else str(clap_checkpoint_path),
+                     "roberta_dir": str(rdir)}
     return model.to_device(dev, dtype)

@@ -797,7 +797,8 @@ class Worker:
             config_path=paths["config_path"],
             checkpoint_path=paths["checkpoint_path"],
             clap_checkpoint_path=paths["clap_checkpoint_path"],
-            roberta_dir=paths["roberta_dir"],
+            # the folder the loader settled on when none was given (roberta-base beside the checkpoint)
+            roberta_dir=paths["roberta_dir"] or getattr(entry.model, "sources", {}).get("roberta_dir"),
             device=device,
             cached=cached,
             cache_size=len(self.cache),
