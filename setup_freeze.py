@@ -90,7 +90,7 @@ def _test_packages(*top_level: str) -> list[str]:
 
 
 def _launcher() -> Path:
-    """The script cx_Freeze turns into the executable: a two-line trampoline to the CLI."""
+    """The script cx_Freeze turns into the executable: a small trampoline to the CLI."""
     override = os.environ.get("DSU_FREEZE_ENTRY")
     if override:
         return Path(override).resolve()
