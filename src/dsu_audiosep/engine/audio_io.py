@@ -244,9 +244,12 @@ def _open_input(p: str) -> tuple[sf.SoundFile, int]:
     try:
         f = sf.SoundFile(p)
     except sf.LibsndfileError as e:
+        why = _why(e)
+        if "does not exist" in why or "not a regular file" in why:  # libsndfile's text for any unknown format
+            why = "format not recognised"
         raise AudioSepError(
             INVALID_AUDIO,
-            f"'{p}' is not a readable audio file ({_why(e)}); it may not be audio, or it may be "
+            f"'{p}' is not a readable audio file ({why}); it may not be audio, or it may be "
             "damaged or cut short",
         ) from None
     except PermissionError:
@@ -709,18 +712,22 @@ class WriteStats:
 # a lock the interrupted code holds; single dict operations are atomic under the GIL.
 _PARTIALS: dict[str, "AtomicWriter"] = {}
 
+_CLOSING = False  # set by cleanup_partial_files: the process is shutting down
 _SFE_SYSTEM = 2  # libsndfile's "System error" code: the OS refused a read/write
-_DISK_FULL_ERRNOS = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 _NEARLY_FULL_BYTES = 1 << 20
 
 
-def cleanup_partial_files() -> int:
+def cleanup_partial_files(final: bool = False) -> int:
     """Delete every temporary output file still being written; return how many were removed.
 
     Safe to call from a signal handler or another thread: it only unlinks (closing first only where
     the OS refuses to delete an open file, i.e. Windows). The interrupted writer then fails with
     CANCELLED instead of renaming a deleted file onto the target.
     """
+    global _CLOSING
+    if final:  # the process is exiting: writers opened from now on delete their file at once
+        _CLOSING = True
     removed = 0
     for tmp, writer in list(_PARTIALS.items()):
         writer._aborted = True
@@ -773,8 +780,8 @@ def _write_error(exc: BaseException, path: str, folder: str, sfobj: sf.SoundFile
     elif isinstance(exc, sf.LibsndfileError) and exc.code == _SFE_SYSTEM:
         code, text = _sf_system_error(sfobj)
         detail = text or detail
-    enospc_text = os.strerror(errno.ENOSPC).lower()
-    if code in _DISK_FULL_ERRNOS or enospc_text in detail.lower() or _nearly_full(folder):
+    full_texts = (os.strerror(errno.ENOSPC).lower(), os.strerror(errno.EFBIG).lower())
+    if code in _DISK_FULL_ERRNOS or any(t in detail.lower() for t in full_texts) or _nearly_full(folder):
         return AudioSepError(DISK_FULL, f"the disk holding '{folder}' is full: could not write '{path}'")
     if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EPERM):
         return AudioSepError(PERMISSION_DENIED, f"no permission to write '{path}' ({detail})")
@@ -868,6 +875,9 @@ class AtomicWriter:
             raise AudioSepError(OUTPUT_ERROR, f"could not create a temporary file in '{self.folder}'")
         self.tmp_path = tmp
         _PARTIALS[tmp] = self
+        if _CLOSING:  # cleanup ran while the file was being created: it must not outlive us
+            self.abort()
+            raise AudioSepError(CANCELLED, "the worker is shutting down")
         try:
             self._sf = sf.SoundFile(
                 tmp, "w", samplerate=self.samplerate, channels=self.channels,

@@ -912,7 +912,7 @@ def _cleanup_partial_files() -> None:
     if cleanup is None:
         return
     try:
-        cleanup()
+        cleanup(final=True)
     except Exception as exc:
         warn_stderr(f"cleaning up partial outputs failed: {exc!r}")
 
