@@ -187,3 +187,21 @@ def test_build_audiosep_signature_matches_the_seed(model_files):
     m = build_audiosep(str(model_files["config_path"]), str(model_files["checkpoint_path"]), "cpu", False,
                        None, str(model_files["roberta_dir"]), False)
     assert m.device.type == "cpu" and not m.use_torch_stft
+
+
+def test_roberta_folder_is_found_beside_the_checkpoint_or_in_the_hf_cache(model_files, tmp_path, monkeypatch, reference_embedding):
+    import shutil
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    ckpt = tmp_path / "ckpt" / "audiosep.ckpt"
+    ckpt.parent.mkdir()
+    os.link(model_files["checkpoint_path"], ckpt)  # a hard link: "beside the checkpoint" must not find the original folder
+    _err(lambda: load_model(checkpoint_path=str(ckpt)), "file_not_found", "roberta_dir")
+    snap = tmp_path / "hf" / "hub" / "models--roberta-base" / "snapshots" / "abc123"
+    shutil.copytree(model_files["roberta_dir"], snap)
+    m = load_model(checkpoint_path=str(ckpt))
+    assert m.sources["roberta_dir"] == str(snap)
+    shutil.copytree(model_files["roberta_dir"], ckpt.parent / "roberta-base")
+    m = load_model(checkpoint_path=str(ckpt))
+    assert m.sources["roberta_dir"] == str(ckpt.parent / "roberta-base")
+    assert torch.allclose(m.embed_text(TEXT), reference_embedding, atol=1e-6)

@@ -278,18 +278,30 @@ def roberta_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _hf_cache_roberta() -> list[Path]:
+    """Where transformers keeps ``roberta-base`` once downloaded: users of the original have it."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    snapshots = Path(hub) / "models--roberta-base" / "snapshots"
+    try:
+        return sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return []
+
+
 def find_roberta_dir(roberta_dir: str | os.PathLike | None, near: list[Path]) -> Path:
-    """The tokenizer folder: as given, else a ``roberta-base`` folder beside the checkpoint or the program."""
+    """The tokenizer folder: as given, else a ``roberta-base`` folder beside the checkpoint or the
+    program, else the Hugging Face cache's ``roberta-base`` (what the original code loads)."""
     if roberta_dir is not None:
         return _existing_dir(roberta_dir, "roberta_dir")
-    for base in near:
-        cand = base / "roberta-base"
+    candidates = [base / "roberta-base" for base in near] + _hf_cache_roberta()
+    for cand in candidates:
         if (cand / "vocab.json").exists() or (cand / "tokenizer.json").exists():
             return cand
     raise AudioSepError(
         FILE_NOT_FOUND,
         "no roberta tokenizer folder: pass roberta_dir (a 'roberta-base' folder with vocab.json and merges.txt); "
-        "looked for roberta-base/ in " + ", ".join(str(b) for b in near),
+        "looked for roberta-base/ in " + ", ".join(str(b) for b in near) + " and in the Hugging Face cache",
     )
 
 
@@ -332,7 +344,7 @@ def load_model(
     ss, conv = separator_weights(main_sd, use_torch_stft, f"AudioSep checkpoint {ckpt_path}")
 
     exe_dir = Path(sys.executable).resolve().parent
-    rdir = find_roberta_dir(roberta_dir, [ckpt_path.resolve().parent, exe_dir])
+    rdir = find_roberta_dir(roberta_dir, list(dict.fromkeys([ckpt_path.absolute().parent, ckpt_path.resolve().parent, exe_dir])))
     tokenizer = Tokenizer.from_dir(rdir)
     rcfg = RobertaConfig.from_dir(rdir)
     with skeleton():

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -36,11 +35,11 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "config.json", 
 
 def convert(*, checkpoint_path: str, out_dir: str, roberta_dir: str | None = None, clap_checkpoint_path: str | None = None,
             config_path: str | None = None, fp16: bool = False, trust_checkpoint: bool = False) -> Path:
-    from .checkpoints import find_roberta_dir, load_model
+    from .checkpoints import load_model
 
     model = load_model(config_path=config_path, checkpoint_path=checkpoint_path, clap_checkpoint_path=clap_checkpoint_path,
                        roberta_dir=roberta_dir, device="cpu", mmap=True, use_torch_stft=False, trust_checkpoint=trust_checkpoint)
-    rdir = find_roberta_dir(roberta_dir, [Path(checkpoint_path).resolve().parent, Path(sys.executable).resolve().parent])
+    rdir = Path(model.sources["roberta_dir"])  # the folder the loader settled on
     out = Path(out_dir)
     if out.exists() and not (out / "config.json").exists() and any(out.iterdir()):
         raise AudioSepError(OUTPUT_ERROR, f"{out} exists and is not a converted model folder; choose an empty or new folder")
@@ -123,6 +122,7 @@ def load_converted(model_dir: str | os.PathLike, *, device: str = "cpu", mmap: b
     check_tensors(ref_ss, ss, str(weights), "ss_model.")
     check_tensors(ref_text, text, str(weights), "text_encoder.")
     model = AudioSep.from_weights(ss, conv or None, text, tokenizer, rcfg, use_torch_stft=use_torch_stft)
+    model.sources = {"model_dir": str(folder), "roberta_dir": str(folder / "tokenizer")}
     return model.to_device(device, dtype)
 
 
