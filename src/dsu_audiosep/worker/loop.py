@@ -42,16 +42,8 @@ from .policy import Settings, pick, resolve_path, resolve_settings, warn_stderr
 
 LOADING_MESSAGE = "Initializing DSU-AudioSep worker..."
 
-CAPABILITIES = [
-    "load_model",
-    "separate",
-    "get_status",
-    "ping",
-    "list_models",
-    "unload_model",
-    "clear_cache",
-    "cancel",
-    "exit",
+# Every command, then the protocol extensions a client may look for.
+CAPABILITIES = list(P.KNOWN_COMMANDS) + [
     "id",
     "code",
     "progress",
