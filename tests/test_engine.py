@@ -228,3 +228,15 @@ def test_streamed_file_equals_the_in_memory_computation(model, tmp_path):
     ref = audio_io.resample(sep, 32000, 44100, length=x.shape[0]).T
     assert sr == 44100 and y.shape == ref.shape
     assert snr_db(ref, y) > 90
+
+
+def test_remove_and_residual_add_up_across_chunks(model, tmp_path):
+    x = _signal(5.0, 44100, channels=2, seed=3)
+    src = _write(tmp_path / "mix.wav", x, 44100)
+    kw = dict(output_sr="input", output_subtype="FLOAT", output_channels="input", use_chunk=True, chunk_length=1.0)
+    r = _run(model, src, tmp_path / "ext.wav", residual_output=str(tmp_path / "rest.wav"), **kw)
+    assert r.windows >= 4
+    ext, _ = sf.read(tmp_path / "ext.wav", dtype="float32")
+    rest, _ = sf.read(tmp_path / "rest.wav", dtype="float32")
+    assert ext.shape == rest.shape == x.shape
+    assert np.abs(ext + rest - x).max() < 1e-5
