@@ -37,19 +37,10 @@ def _natural(key: str) -> torch.Tensor | None:
     if short in ("stft.window", "istft.window"):
         return torch.hann_window(2048)
     if short.startswith(("stft.", "istft.")):
-        return _kernels(dft_kernels)[short]
+        return dft_kernels()[short]
     if key.endswith("embeddings.position_ids"):
         return torch.arange(514)[None]
     return None
-
-
-_KERNEL_CACHE: dict[str, torch.Tensor] = {}
-
-
-def _kernels(make) -> dict[str, torch.Tensor]:
-    if not _KERNEL_CACHE:
-        _KERNEL_CACHE.update(make())
-    return _KERNEL_CACHE
 
 
 def _manifest_schema(manifest: str | os.PathLike, section: str | None = None) -> list[tuple[str, tuple, str]]:

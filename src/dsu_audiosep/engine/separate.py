@@ -144,8 +144,7 @@ class _Pipeline:
             out_frames = audio_io.resampled_length(frames, sr, out_sr)
             to32 = audio_io.StreamResampler(c_sep, sr, SAMPLE_RATE)
             back = audio_io.StreamResampler(c_sep, SAMPLE_RATE, out_sr)
-            need_mix = self.opt.mode == "remove" or len(self.plans) > 1
-            mix_rs = audio_io.StreamResampler(c_sep, sr, out_sr) if need_mix else None
+            mix_rs = audio_io.StreamResampler(c_sep, sr, out_sr) if self._needs_mixture() else None
             mix_fifo: list[np.ndarray] = []
             writers = [p.writer(expected_frames=out_frames, warnings=self.warnings) for p in self.plans]
             for w in writers:
@@ -193,8 +192,6 @@ class _Pipeline:
                     done += win.keep_end - win.keep_start
                     if self.progress is not None:
                         self.progress(done / max(1, n32))
-                if not windows:  # empty input never reaches here (read refuses it), kept for safety
-                    raise AudioSepError(OUTPUT_ERROR, "nothing to separate")
                 for w in writers:
                     w.commit()
             except BaseException:
@@ -203,13 +200,15 @@ class _Pipeline:
                 raise
             return len(windows)
 
+    def _needs_mixture(self) -> bool:
+        """The mixture at the output rate is needed for "remove" and for a residual output."""
+        return self.opt.mode == "remove" or len(self.plans) > 1
+
     def _emit(self, writers, out: np.ndarray, mix_fifo: list[np.ndarray]) -> None:
         n = out.shape[1]
         if n == 0:
             return
-        mix = None
-        if mix_fifo is not None and (self.opt.mode == "remove" or len(writers) > 1):
-            mix = _take(mix_fifo, n, out.shape[0])
+        mix = _take(mix_fifo, n, out.shape[0]) if self._needs_mixture() else None
         extracted = out
         primary = extracted if self.opt.mode == "extract" else mix - extracted
         blocks = [primary]

@@ -11,6 +11,8 @@ Spectra are passed around as (real, imag), each shaped [batch, 1, frames, bins].
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,15 @@ def hann_periodic(n: int) -> np.ndarray:
 
 
 def dft_kernels(n_fft: int = N_FFT) -> dict[str, torch.Tensor]:
-    """The constructor values of the conv kernels, as float32, computed the way the released ones were."""
+    """The constructor values of the conv kernels, as float32, computed the way the released ones were.
+
+    Computed once per process (about 3 s) and shared: the tensors are constants, never written.
+    """
+    return dict(_dft_kernels(n_fft))
+
+
+@functools.lru_cache(maxsize=2)
+def _dft_kernels(n_fft: int) -> dict[str, torch.Tensor]:
     w = hann_periodic(n_fft)
     idx = np.arange(n_fft)
     x, y = np.meshgrid(idx, idx)
