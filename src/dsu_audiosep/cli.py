@@ -79,7 +79,7 @@ def _separate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--clap-checkpoint", help="CLAP checkpoint (.pt), optional")
     parser.add_argument("--roberta-dir", help="roberta-base folder (tokenizer files), optional")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--precision", help="fp32 (default), bf16 or fp16")
+    parser.add_argument("--precision", help="fp32 (default, exact), tf32 (CUDA matrix units), bf16 or fp16")
     parser.add_argument("--mmap", action="store_true", default=None)
     parser.add_argument("--use-torch-stft", type=tri)
     parser.add_argument("--auto-stft-seconds", type=float)

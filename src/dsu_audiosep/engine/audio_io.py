@@ -67,6 +67,7 @@ Writing (``OutputOptions``, ``prepare_output``, ``AtomicWriter``, ``write_audio`
 """
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import os
@@ -74,6 +75,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Union
 
@@ -493,17 +495,22 @@ class StreamResampler:
     exactly ``resampled_length(total_in, sr_in, sr_out)`` (or ``length`` if given then).
     """
 
-    def __init__(self, channels: int, sr_in: int, sr_out: int, quality: str = "HQ"):
+    def __init__(self, channels: int, sr_in: int, sr_out: int, quality: str = "HQ", parallel: bool = False):
+        """``parallel``: one soxr stream per channel, run in threads (soxr releases the GIL; the
+        output is identical, each channel is filtered on its own either way)."""
         if int(channels) <= 0:
             raise ValueError("channels must be positive")
         self.channels = int(channels)
         self.sr_in, self.sr_out = int(sr_in), int(sr_out)
         q = _check_rates(self.sr_in, self.sr_out, quality)
-        self._stream = (
-            None
-            if self.sr_in == self.sr_out
-            else soxr.ResampleStream(self.sr_in, self.sr_out, self.channels, dtype="float32", quality=q)
-        )
+        self._stream = None
+        self._streams: list = []
+        if self.sr_in != self.sr_out:
+            if parallel and self.channels > 1:
+                self._streams = [soxr.ResampleStream(self.sr_in, self.sr_out, 1, dtype="float32", quality=q)
+                                 for _ in range(self.channels)]
+            else:
+                self._stream = soxr.ResampleStream(self.sr_in, self.sr_out, self.channels, dtype="float32", quality=q)
         self.total_in = 0
         self.total_out = 0
         self._held = np.empty((self.channels, 0), dtype=np.float32)
@@ -518,7 +525,9 @@ class StreamResampler:
         if block.ndim != 2 or block.shape[0] != self.channels:
             raise ValueError(f"expected a [{self.channels}, n] block, got shape {block.shape}")
         self.total_in += block.shape[1]
-        if self._stream is None:
+        if self._streams:
+            y = self._parallel_chunk(block, last)
+        elif self._stream is None:
             y = np.array(block, dtype=np.float32, copy=True)
         else:
             y = self._stream.resample_chunk(np.ascontiguousarray(block.T), last=last)
@@ -539,6 +548,33 @@ class StreamResampler:
                 y = np.ascontiguousarray(y[:, : max(room, 0)])
         self.total_out += y.shape[1]
         return y
+
+    def _parallel_chunk(self, block: np.ndarray, last: bool) -> np.ndarray:
+        rows = [np.ascontiguousarray(block[c]) for c in range(self.channels)]
+        if block.shape[1] >= PARALLEL_MIN_FRAMES:
+            futures = [_resample_pool().submit(s.resample_chunk, r, last) for s, r in zip(self._streams, rows)]
+            outs = [f.result() for f in futures]
+        else:
+            outs = [s.resample_chunk(r, last) for s, r in zip(self._streams, rows)]
+        n = min(len(o) for o in outs)  # equal in practice: same filter, same input lengths
+        out = np.empty((self.channels, n), np.float32)
+        for c, o in enumerate(outs):
+            out[c] = np.asarray(o, dtype=np.float32).reshape(-1)[:n]
+        return out
+
+
+PARALLEL_MIN_FRAMES = 4096  # below this a thread hand-off costs more than the filtering
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _resample_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                                          thread_name_prefix="dsu-resample")
+        return _POOL
 
 
 # --------------------------------------------------------------------------------------------

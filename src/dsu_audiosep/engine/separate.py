@@ -15,6 +15,9 @@ import gc
 import logging
 import math
 import os
+import queue
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -72,28 +75,38 @@ class SeparationResult:
     warnings: list[str] = field(default_factory=list)
 
 
-ACTIVATION_BYTES_PER_SECOND = 105e6  # measured peak of one mono second through the U-Net, float32
+ACTIVATION_BYTES_PER_SECOND = 105e6  # measured peak of one mono second through the U-Net, float32 on CPU
+# Measured on an H100 (torch.cuda.max_memory_allocated, cuDNN workspaces included), per mono second.
+CUDA_BYTES_PER_SECOND = {torch.float32: 130e6, torch.bfloat16: 50e6, torch.float16: 50e6}
+CUDA_MAX_CHUNK = 30.72  # longer windows are no faster on an H100 and delay the first write
 
 
-def default_chunk_length(device: torch.device) -> float:
+def _cuda_free_bytes(device: torch.device) -> int:
+    """Free memory as the caching allocator sees it: the driver's free bytes plus torch's own idle cache."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def default_chunk_length(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """Kept centre per window, seconds.
 
     CPU: 7.68 s (24 grid blocks) + 2 x 0.96 s context = 9.6 s windows, one channel at a time:
-    about 1 GB of activations, 25% of extra work for the context. GPU: as long as half the free
-    memory allows for a stereo batch.
+    about 1 GB of activations, 25% of extra work for the context. CUDA: 30.72 s (6% context
+    overhead; longer windows are no faster on an H100), shorter if half the free memory cannot
+    hold a stereo batch of that length.
     """
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return float(max(10.0, min(600.0, free * 0.5 / (2 * ACTIVATION_BYTES_PER_SECOND))))
+        per_second = 2 * CUDA_BYTES_PER_SECOND.get(dtype, CUDA_BYTES_PER_SECOND[torch.float32])
+        return float(max(2.56, min(CUDA_MAX_CHUNK, _cuda_free_bytes(device) * 0.5 / per_second)))
     return 7.68
 
 
-def full_pass_limit_seconds(device: torch.device, channels: int) -> float:
+def full_pass_limit_seconds(device: torch.device, channels: int, dtype: torch.dtype = torch.float32) -> float:
     """Longest file separated as one window; above it the engine chunks (same output within float
     noise, see chunking.py) rather than exhausting memory."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free * 0.6 / (max(1, channels) * ACTIVATION_BYTES_PER_SECOND)
+        per_second = CUDA_BYTES_PER_SECOND.get(dtype, CUDA_BYTES_PER_SECOND[torch.float32])
+        return _cuda_free_bytes(device) * 0.6 / (max(1, channels) * per_second)
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # Windows: no sysconf
@@ -123,14 +136,57 @@ def _run_window(model, x: np.ndarray, cond: torch.Tensor) -> np.ndarray:
     return y[:, :n].float().cpu().numpy()
 
 
+def _resample_in_threads(device: torch.device) -> bool:
+    """Per-channel resampling in parallel threads pays where the CPU is otherwise idle (a GPU
+    does the forward passes); on CPU those cores are busy with the convolutions."""
+    return device.type != "cpu"
+
+
+class _Stopped(Exception):
+    """Another stage of the pipeline failed; this one just leaves."""
+
+
+_END = object()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise _Stopped
+        try:
+            q.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            continue
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        if stop.is_set():
+            raise _Stopped
+        try:
+            return q.get(timeout=0.05)
+        except queue.Empty:
+            continue
+
+
 class _Pipeline:
-    """One attempt at a file with a fixed window plan; raises on OOM so the caller can retry."""
+    """One attempt at a file with a fixed window plan; raises on OOM so the caller can retry.
+
+    Three stages run at once, handing whole windows over bounded queues: a reader thread (decode,
+    downmix, resample to 32 kHz, cut windows), the calling thread (forward passes, where CUDA
+    errors and cancellation surface), and a writer thread (resample back, mix, write). On a GPU
+    the audio work on the CPU then hides behind the forward passes instead of adding to them; on
+    CPU it is about 1% of the time either way. The queues hold at most two windows each, so
+    memory stays bounded by the window length.
+    """
 
     def __init__(self, model, reader_path: str, plans: list[audio_io.OutputPlan], options: SeparateOptions,
                  cond: torch.Tensor, chunk_samples: int | None, progress, cancelled, warnings: list[str]):
         self.model, self.path, self.plans, self.opt = model, reader_path, plans, options
         self.cond, self.chunk_samples = cond, chunk_samples
         self.progress, self.cancelled, self.warnings = progress, cancelled, warnings
+        self.parallel = _resample_in_threads(model.device)
 
     def run(self) -> int:
         with audio_io.BlockReader(self.path, READ_BLOCK, warnings=self.warnings) as reader:
@@ -142,69 +198,134 @@ class _Pipeline:
             windows = plan_windows(n32, self.chunk_samples, ctx)
             out_sr = self.plans[0].samplerate
             out_frames = audio_io.resampled_length(frames, sr, out_sr)
-            to32 = audio_io.StreamResampler(c_sep, sr, SAMPLE_RATE)
-            back = audio_io.StreamResampler(c_sep, SAMPLE_RATE, out_sr)
-            mix_rs = audio_io.StreamResampler(c_sep, sr, out_sr) if self._needs_mixture() else None
-            mix_fifo: list[np.ndarray] = []
+            mix_fifo: deque[np.ndarray] = deque()
+            stop = threading.Event()
+            segments: queue.Queue = queue.Queue(maxsize=2)
+            separated: queue.Queue = queue.Queue(maxsize=2)
+            errors: list[BaseException] = []
+
+            def stage(fn, *args):
+                try:
+                    fn(*args)
+                except _Stopped:
+                    pass
+                except BaseException as exc:  # handed to the calling thread, which raises it
+                    errors.append(exc)
+                    stop.set()
+
             writers = [p.writer(expected_frames=out_frames, warnings=self.warnings) for p in self.plans]
-            for w in writers:
-                w.open()
+            threads = [
+                threading.Thread(target=stage, name="dsu-read", daemon=True,
+                                 args=(self._read, reader, windows, c_in, c_sep, n32, out_frames, mix_fifo, segments, stop)),
+                threading.Thread(target=stage, name="dsu-write", daemon=True,
+                                 args=(self._write, writers, windows, c_sep, out_sr, out_frames, mix_fifo, separated, stop)),
+            ]
             try:
-                buf = np.zeros((c_sep, 0), np.float32)
-                buf_start = 0  # absolute 32 kHz index of buf[:, 0]
-                eof = False
-
-                def pull() -> bool:
-                    nonlocal buf, eof
-                    block = reader.read()
-                    last = block.shape[1] == 0
-                    if not last and c_sep != c_in:
-                        block = audio_io.map_channels(block, mode)
-                    if last:
-                        block = np.zeros((c_sep, 0), np.float32)
-                    y = to32.process(block, last=last, length=n32 if last else None)
-                    if mix_rs is not None:
-                        mix_fifo.append(mix_rs.process(block, last=last, length=out_frames if last else None))
-                    buf = np.concatenate([buf, y], axis=1) if buf.shape[1] else y
-                    eof = last
-                    return not last
-
+                for w in writers:
+                    w.open()
+                for t in threads:
+                    t.start()
                 done = 0
-                for i, win in enumerate(windows):
+                while True:
                     if self.cancelled is not None and self.cancelled():
                         raise AudioSepError(CANCELLED, "separation cancelled")
-                    while not eof and buf_start + buf.shape[1] < win.end:
-                        pull()
-                    seg = buf[:, win.start - buf_start : win.end - buf_start]
+                    item = _get(segments, stop)
+                    if item is _END:
+                        break
+                    win, seg = item
                     y = _run_window(self.model, seg, self.cond)
-                    kept = y[:, win.keep_start - win.start : win.keep_end - win.start]
-                    next_start = windows[i + 1].start if i + 1 < len(windows) else win.end
-                    drop = next_start - buf_start
-                    if drop > 0:
-                        buf = buf[:, drop:]
-                        buf_start += drop
-                    last = i + 1 == len(windows)
-                    if last:
-                        while not eof:
-                            pull()
-                    out = back.process(kept, last=last, length=out_frames if last else None)
-                    self._emit(writers, out, mix_fifo)
+                    _put(separated, (win, y[:, win.keep_start - win.start : win.keep_end - win.start]), stop)
                     done += win.keep_end - win.keep_start
                     if self.progress is not None:
                         self.progress(done / max(1, n32))
+                _put(separated, _END, stop)
+                threads[1].join()
+                if errors:
+                    raise errors[0]
                 for w in writers:
                     w.commit()
-            except BaseException:
+            except BaseException as exc:
+                stop.set()
+                for t in threads:
+                    if t.is_alive():
+                        t.join()
                 for w in writers:
                     w.abort()
+                if isinstance(exc, _Stopped) and errors:
+                    raise errors[0] from None
                 raise
+            finally:
+                stop.set()
+                for t in threads:
+                    if t.is_alive():
+                        t.join()
             return len(windows)
+
+    def _read(self, reader, windows: list[Window], c_in: int, c_sep: int, n32: int, out_frames: int,
+              mix_fifo: deque, segments: queue.Queue, stop: threading.Event) -> None:
+        """Decode, resample to 32 kHz and hand over each window's samples, in order."""
+        mode = self.opt.output_channels
+        to32 = audio_io.StreamResampler(c_sep, reader.samplerate, SAMPLE_RATE, parallel=self.parallel)
+        mix_rs = (audio_io.StreamResampler(c_sep, reader.samplerate, self.plans[0].samplerate, parallel=self.parallel)
+                  if self._needs_mixture() else None)
+        parts: list[np.ndarray] = []  # 32 kHz samples not yet dropped, joined lazily (once per window)
+        base = 0  # absolute 32 kHz index of the first sample in parts
+        have = 0  # absolute 32 kHz index one past the last sample in parts
+        eof = False
+
+        def pull() -> None:
+            nonlocal have, eof
+            if stop.is_set():
+                raise _Stopped
+            block = reader.read()
+            last = block.shape[1] == 0
+            if not last and c_sep != c_in:
+                block = audio_io.map_channels(block, mode)
+            if last:
+                block = np.zeros((c_sep, 0), np.float32)
+            y = to32.process(block, last=last, length=n32 if last else None)
+            if mix_rs is not None:
+                mix_fifo.append(mix_rs.process(block, last=last, length=out_frames if last else None))
+            if y.shape[1]:
+                parts.append(y)
+                have += y.shape[1]
+            eof = last
+
+        for i, win in enumerate(windows):
+            while not eof and have < win.end:
+                pull()
+            if i + 1 == len(windows):
+                while not eof:  # flush the mixture resampler before the last window is written
+                    pull()
+            if len(parts) > 1:
+                parts[:] = [np.concatenate(parts, axis=1)]
+            seg = np.ascontiguousarray(parts[0][:, win.start - base : win.end - base]) if parts else np.zeros((c_sep, 0), np.float32)
+            next_start = windows[i + 1].start if i + 1 < len(windows) else win.end
+            if parts and next_start > base:
+                parts[0] = parts[0][:, next_start - base :]
+                base = next_start
+            _put(segments, (win, seg), stop)
+        _put(segments, _END, stop)
+
+    def _write(self, writers, windows: list[Window], c_sep: int, out_sr: int, out_frames: int,
+               mix_fifo: deque, separated: queue.Queue, stop: threading.Event) -> None:
+        """Resample each window's kept centre back to the output rate and write it, in order."""
+        back = audio_io.StreamResampler(c_sep, SAMPLE_RATE, out_sr, parallel=self.parallel)
+        last_win = windows[-1]
+        while True:
+            item = _get(separated, stop)
+            if item is _END:
+                return
+            win, kept = item
+            last = win is last_win
+            out = back.process(kept, last=last, length=out_frames if last else None)
+            self._emit(writers, out, mix_fifo)
 
     def _needs_mixture(self) -> bool:
         """The mixture at the output rate is needed for "remove" and for a residual output."""
         return self.opt.mode == "remove" or len(self.plans) > 1
 
-    def _emit(self, writers, out: np.ndarray, mix_fifo: list[np.ndarray]) -> None:
+    def _emit(self, writers, out: np.ndarray, mix_fifo: deque) -> None:
         n = out.shape[1]
         if n == 0:
             return
@@ -218,8 +339,9 @@ class _Pipeline:
             w.write(audio_io.map_channels(b, plan.channel_mode) if plan.channels != b.shape[0] else b)
 
 
-def _take(fifo: list[np.ndarray], n: int, channels: int) -> np.ndarray:
-    """Pop exactly ``n`` frames of mixture from the FIFO (the mixture resampler runs ahead)."""
+def _take(fifo: deque, n: int, channels: int) -> np.ndarray:
+    """Pop exactly ``n`` frames of mixture from the FIFO (the mixture resampler runs ahead: the reader
+    has resampled at least up to the end of a window before the window is separated)."""
     parts, got = [], 0
     while got < n and fifo:
         head = fifo[0]
@@ -227,7 +349,7 @@ def _take(fifo: list[np.ndarray], n: int, channels: int) -> np.ndarray:
         if head.shape[1] <= need:
             parts.append(head)
             got += head.shape[1]
-            fifo.pop(0)
+            fifo.popleft()
         else:
             parts.append(head[:, :need])
             fifo[0] = head[:, need:]
@@ -257,8 +379,8 @@ def separate_file(model, input_path: str, output_path: str, text: str, options: 
 
     duration = info.frames / info.samplerate
     chunked = opt.use_chunk is True or (opt.use_chunk == "auto" and duration >= opt.chunk_seconds)
-    chunk_len = opt.chunk_length or default_chunk_length(model.device)
-    if not chunked and duration > full_pass_limit_seconds(model.device, min(info.channels, 2)):
+    chunk_len = opt.chunk_length or default_chunk_length(model.device, model.dtype)
+    if not chunked and duration > full_pass_limit_seconds(model.device, min(info.channels, 2), model.dtype):
         log.warning("%.0f s is too long for one pass on %s: separating in exact chunks instead", duration, model.device)
         warnings.append("file too long for a single pass in memory; separated in chunks (same output within float rounding)")
         chunked = True

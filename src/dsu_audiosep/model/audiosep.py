@@ -1,6 +1,7 @@
 """AudioSep = text encoder (CLAP text branch) + ResUNet30 separator, as one loaded object."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Mapping
 
 import torch
@@ -12,6 +13,11 @@ from .resunet import ResUNet30
 from .stft import dft_kernels
 
 SAMPLE_RATE = 32000
+
+# "tf32" keeps float32 tensors but lets CUDA's matrix units round the convolution inputs to TF32
+# (10-bit mantissa): about 3x faster on an H100 at about 48 dB SNR. "fp32" is strict IEEE float32
+# everywhere, also on CUDA where PyTorch would otherwise allow TF32 in cuDNN convolutions.
+PRECISION_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def materialize(factory: Callable[[], nn.Module], weights: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -71,8 +77,10 @@ class AudioSep(nn.Module):
     def use_torch_stft(self) -> bool:
         return self.ss_model.use_torch_stft
 
-    def to_device(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> "AudioSep":
+    def to_device(self, device: str | torch.device, precision: str = "fp32") -> "AudioSep":
+        """Move to ``device`` in ``precision``: "fp32" (exact), "tf32", "bf16" or "fp16"."""
         self.to(device)
+        dtype = PRECISION_DTYPES[precision]
         if dtype != torch.float32:
             # The STFT stays in float32 (torch.stft has no bf16 on CPU, and its cost is small);
             # only the U-Net and FiLM run in reduced precision.
@@ -80,7 +88,7 @@ class AudioSep(nn.Module):
                 if name not in ("stft", "istft"):
                     child.to(dtype)
             self.ss_model.film.to(dtype)
-            self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        self.precision = precision
         return self
 
     def set_stft(self, use_torch_stft: bool) -> None:
@@ -99,4 +107,18 @@ class AudioSep(nn.Module):
     def separate(self, wav: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """wav [B, N] float32 at 32 kHz on the model's device, condition [512] -> [B, N]."""
         cond = condition.reshape(1, -1).to(device=self.device, dtype=self.dtype)
-        return self.ss_model(wav, cond)
+        if self.device.type != "cuda":
+            return self.ss_model(wav, cond)
+        with _tf32(self.precision == "tf32"):
+            return self.ss_model(wav, cond)
+
+
+@contextmanager
+def _tf32(allowed: bool):
+    """cuDNN's TF32 switch is process-wide (and on by default): set it for this forward pass only."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .audiosep import PRECISION_DTYPES as PRECISIONS
 from .skeleton import skeleton
 
 from ..errors import (
@@ -51,7 +52,6 @@ CONV_STFT_KEYS = (
 TORCH_STFT_KEYS = ("stft.window", "istft.window")
 # Written by transformers < 4.31 as a persistent buffer; newer versions do not save it.
 OPTIONAL_TEXT_KEYS = ("text_branch.embeddings.position_ids",)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -372,4 +372,4 @@ def load_model(
     model = AudioSep.from_weights(ss, conv, text_sd, tokenizer, rcfg, use_torch_stft=use_torch_stft)
     model.sources = {"checkpoint_path": str(ckpt_path), "clap_checkpoint_path": None if clap_checkpoint_path is None else str(clap_checkpoint_path),
                      "roberta_dir": str(rdir)}
-    return model.to_device(dev, dtype)
+    return model.to_device(dev, precision)

@@ -123,7 +123,7 @@ def load_converted(model_dir: str | os.PathLike, *, device: str = "cpu", mmap: b
     check_tensors(ref_text, text, str(weights), "text_encoder.")
     model = AudioSep.from_weights(ss, conv or None, text, tokenizer, rcfg, use_torch_stft=use_torch_stft)
     model.sources = {"model_dir": str(folder), "roberta_dir": str(folder / "tokenizer")}
-    return model.to_device(device, dtype)
+    return model.to_device(device, precision)
 
 
 def convert_main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ NON_TERMINAL_STATUSES = frozenset(
     {"loading", "ready", "loading_model", "separating", "progress", "shutdown"}
 )
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 OUTPUT_CHANNELS = ("stereo", "input")
 MODES = ("extract", "remove")
