@@ -124,6 +124,7 @@ def test_worker_on_cuda(model_files, tmp_path):
         r = w.request({"cmd": "load_model", "checkpoint_path": str(model_files["checkpoint_path"]),
                        "roberta_dir": str(model_files["roberta_dir"]), "device": "cuda", "precision": "tf32"})
         assert r["status"] == "model_loaded" and r["device"].startswith("cuda")
+        assert r["use_torch_stft_value"] is True  # the per-device default: cuFFT is faster there
         r = w.request({"cmd": "separate", "input": str(src), "output": str(tmp_path / "out.wav"), "text": "vocals"})
         assert r["status"] == "done"
     y, sr = sf.read(tmp_path / "out.wav")
