@@ -242,7 +242,17 @@ def section_io(work: Path) -> None:
         row("io", "soxr HQ 44.1k->32k, two channels in two threads", f"{time.perf_counter() - t:.3f} s")
 
 
-def section_worker(paths, work: Path, durations, reps: int, device: str, precisions=("fp32",)) -> None:
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def section_worker(paths, work: Path, durations, reps: int, device: str, precisions=("fp32",), long_durations=()) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "dsu_audiosep", "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -280,6 +290,12 @@ def section_worker(paths, work: Path, durations, reps: int, device: str, precisi
             t = statistics.median(ts)
             row("worker", f"{precision}: warm separate {secs:g}s stereo 44.1k via worker (elapsed, median of {reps})",
                 f"{t:.3f} s ({secs / t:.0f}x real time)", all=ts)
+        for secs in long_durations:
+            inp = make_input(work / f"in_{secs:g}s.wav", secs)
+            cmd = {"cmd": "separate", "input": str(inp), "output": str(work / "wout.wav"), "text": "vocals", "use_chunk": "auto"}
+            t = call(cmd)["elapsed"]
+            row("worker", f"{precision}: separate {secs:g}s stereo 44.1k via worker (elapsed, once)",
+                f"{t:.2f} s ({secs / t:.0f}x real time), worker peak RSS so far {_peak_rss_mb(p.pid):.0f} MB")
     call({"cmd": "exit"})
     p.wait(timeout=60)
 
@@ -297,6 +313,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunks", default="default", help="chunk_length values for the long e2e rows ('default': the engine's)")
     ap.add_argument("--worker-precisions", default="fp32,tf32,fp16")
+    ap.add_argument("--long-durations", default="", help="worker rows run once per precision (e.g. 3600)")
     ap.add_argument("--cudnn-benchmark", action="store_true")
     args = ap.parse_args()
     work, fixtures = Path(args.work), Path(args.fixtures)
@@ -320,7 +337,8 @@ def main() -> int:
         "io": lambda: section_io(work),
         "network": lambda: section_network(paths, args.device, shapes, modes, args.reps),
         "e2e": lambda: section_e2e(paths, args.device, work, durations, modes, args.reps, chunks),
-        "worker": lambda: section_worker(paths, work, durations, args.reps, args.device, args.worker_precisions.split(",")),
+        "worker": lambda: section_worker(paths, work, durations, args.reps, args.device, args.worker_precisions.split(","),
+                                          [float(d) for d in args.long_durations.split(",") if d]),
     }
     for name in args.sections.split(","):
         t = time.perf_counter()

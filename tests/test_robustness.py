@@ -639,7 +639,7 @@ class BlockedJob:
         self.send(load_cmd(demo))
         while (m := self.read_json())["status"] != "model_loaded":
             assert m["status"] in NON_TERMINAL, m
-        # Two windows (chunks of 1.28 s plus 0.96 s of context need more than 2.24 s): the
+        # Two windows (chunks of 1.28 s plus 0.64 s of context need more than 1.92 s): the
         # cheapest job with a progress line strictly between 0 and 100 %.
         self.seconds = 2.3
         inp = bad.wav(tmp_path / "in.wav", self.seconds)

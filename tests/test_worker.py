@@ -14,6 +14,7 @@ import signal
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from worker_client import NON_TERMINAL, PARENT_TERMINAL, WorkerClient, clean_env, worker_argv
@@ -751,3 +752,33 @@ def test_load_converted_model_dir(spawn, converted_dir, tmp_path):
     assert done["status"] == "done" and done["files"] == [str(tmp_path / "o.flac")]
     status = client.request({"cmd": "get_status"})
     assert status["model_dir"] == converted_dir and status["model_loaded"] is True
+
+
+def test_context_seconds_sets_the_chunk_overlap(model_worker, demo_model, tmp_path):
+    """Chunked with 3.52 s of context is the full pass to float rounding; 0 s is allowed (and
+    cheaper); a negative overlap is a clear error."""
+    import soundfile as sf
+
+    client = model_worker
+    load(client, demo_model)
+    mix = write_wav(tmp_path / "mix.wav", 6.0, channels=1, sr=32000)
+    exact = {"output_sr": "input", "output_subtype": "FLOAT", "output_channels": "input"}
+    outs = {}
+    for name, extra in {"full": {"use_chunk": False},
+                        "exact": {"use_chunk": True, "chunk_length": 1.28, "context_seconds": 3.52},
+                        "none": {"use_chunk": True, "chunk_length": 1.28, "context_seconds": 0}}.items():
+        out = tmp_path / f"{name}.wav"
+        done = client.request({"cmd": "separate", "input": str(mix), "output": str(out), "text": "a dog", **exact, **extra},
+                              timeout=300)
+        assert done["status"] == "done", done
+        outs[name] = sf.read(str(out), dtype="float64")[0]
+    full = outs["full"]
+
+    def snr(y):
+        return 10 * np.log10(np.sum(full**2) / max(np.sum((full - y) ** 2), 1e-300))
+
+    assert snr(outs["exact"]) > 100
+    assert snr(outs["none"]) < snr(outs["exact"])
+    bad = client.request({"cmd": "separate", "input": str(mix), "output": str(tmp_path / "x.wav"), "context_seconds": -1})
+    assert bad["status"] == "error" and bad["code"] == "invalid_field" and "context_seconds" in bad["message"]
+    assert not (tmp_path / "x.wav").exists()

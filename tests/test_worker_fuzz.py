@@ -25,7 +25,7 @@ from worker_client import NON_TERMINAL, WorkerClient, clean_env, worker_argv
 COMMANDS = ["load_model", "separate", "get_status", "ping", "list_models", "unload_model", "clear_cache", "cancel"]
 FIELDS = [
     "checkpoint_path", "config_path", "clap_checkpoint_path", "roberta_dir", "model_dir", "device", "mmap",
-    "use_torch_stft", "auto_stft_seconds", "chunk_seconds", "chunk_length", "precision", "trust_checkpoint",
+    "use_torch_stft", "auto_stft_seconds", "chunk_seconds", "chunk_length", "context_seconds", "precision", "trust_checkpoint",
     "input", "output", "text", "use_chunk", "output_sr", "output_subtype", "output_channels", "mode",
     "residual_output", "target", "progress", "id",
 ]

@@ -86,6 +86,7 @@ def _separate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--use-chunk", type=tri)
     parser.add_argument("--chunk-seconds", type=float)
     parser.add_argument("--chunk-length", type=float)
+    parser.add_argument("--context-seconds", type=float, help="context on each side of a chunk (default 0.64; 3.52 is exact)")
     parser.add_argument("--output-sr", help="Hz or 'input' (default 44100)")
     parser.add_argument("--output-subtype", help="PCM_16 (default), PCM_24 or FLOAT")
     parser.add_argument("--output-channels", help="stereo (default) or input")
@@ -123,6 +124,7 @@ def _separate_main(argv: Sequence[str]) -> int:
         "use_chunk": ns.use_chunk,
         "chunk_seconds": ns.chunk_seconds,
         "chunk_length": ns.chunk_length,
+        "context_seconds": ns.context_seconds,
         "output_sr": output_sr,
         "output_subtype": ns.output_subtype,
         "output_channels": ns.output_channels,
@@ -160,6 +162,9 @@ def _separate_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .memory import tune_allocator
+
+    tune_allocator()  # before anything imports torch
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in SUBCOMMANDS:
         command, rest = args[0], args[1:]

@@ -30,6 +30,7 @@ from .chunking import DEFAULT_CONTEXT_S, GRID, SAMPLE_RATE, Window, plan_windows
 
 log = logging.getLogger(__name__)
 
+RELEASE_TEXT_PAGES_S = 4.0  # from here on a window's activations (~105 MB/s on CPU) outweigh RoBERTa's pages
 MIN_WINDOW = 2048  # reflect padding of the centred STFT needs more than n_fft / 2 samples
 READ_BLOCK = 1 << 16
 
@@ -90,15 +91,15 @@ def _cuda_free_bytes(device: torch.device) -> int:
 def default_chunk_length(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """Kept centre per window, seconds.
 
-    CPU: 7.68 s (24 grid blocks) + 2 x 0.96 s context = 9.6 s windows, one channel at a time:
-    about 1 GB of activations, 25% of extra work for the context. CUDA: 30.72 s (6% context
-    overhead; longer windows are no faster on an H100), shorter if half the free memory cannot
-    hold a stereo batch of that length.
+    CPU: 9.6 s (30 grid blocks) + 2 x 0.64 s context = 10.88 s windows, one channel at a time:
+    about 0.9 GB of activations and 13% of extra work for the context (a 40 s file costs 1.13x
+    its full pass). CUDA: 30.72 s (4% context overhead; longer windows are no faster on an H100),
+    shorter if half the free memory cannot hold a stereo batch of that length.
     """
     if device.type == "cuda":
         per_second = 2 * CUDA_BYTES_PER_SECOND.get(dtype, CUDA_BYTES_PER_SECOND[torch.float32])
         return float(max(2.56, min(CUDA_MAX_CHUNK, _cuda_free_bytes(device) * 0.5 / per_second)))
-    return 7.68
+    return 9.6
 
 
 def full_pass_limit_seconds(device: torch.device, channels: int, dtype: torch.dtype = torch.float32) -> float:
@@ -384,6 +385,11 @@ def separate_file(model, input_path: str, output_path: str, text: str, options: 
         log.warning("%.0f s is too long for one pass on %s: separating in exact chunks instead", duration, model.device)
         warnings.append("file too long for a single pass in memory; separated in chunks (same output within float rounding)")
         chunked = True
+    window_s = min(duration, chunk_len + 2 * opt.context_seconds) if chunked else duration
+    if window_s >= RELEASE_TEXT_PAGES_S and hasattr(model, "release_text_pages"):
+        # The activations of a long window would sit on top of the idle text encoder: hand its
+        # memory-mapped pages back first (a later new query reads them again, ~0.1-0.4 s).
+        model.release_text_pages()
     while True:
         chunk_samples = seconds_to_samples(chunk_len) if chunked else None
         pipe = _Pipeline(model, input_path, plans, opt, cond, chunk_samples, progress, cancelled, warnings)

@@ -103,6 +103,14 @@ class AudioSep(nn.Module):
         """The 512-d L2-normalised query embedding (cached per text), on the model's device."""
         return self.text_encoder.embed_one(text)
 
+    def release_text_pages(self) -> int:
+        """Give the text encoder's memory-mapped pages back until the next new query (see memory.py)."""
+        if self.device.type != "cpu":
+            return 0
+        from ..memory import page_out
+
+        return page_out(self.text_encoder.state_dict().values())
+
     @torch.inference_mode()
     def separate(self, wav: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """wav [B, N] float32 at 32 kHz on the model's device, condition [512] -> [B, N]."""

@@ -55,6 +55,7 @@ CAPABILITIES = list(P.KNOWN_COMMANDS) + [
     "mode",
     "residual_output",
     "chunk_length",
+    "context_seconds",
     "trust_checkpoint",
 ]
 
@@ -711,6 +712,11 @@ class Worker:
         paths = self._resolve_model_paths(args)
         device = resolve_device(pick(args.device, s.device))
         mmap = bool(pick(args.mmap, s.mmap))
+        if args.mmap is None and s.sources.get("mmap", "default") == "default":
+            # Nobody chose: map the weights (loads in ~0.1 s instead of ~0.7 s, and on CPU the idle
+            # text encoder's pages can go back to the kernel during long separations). Not on
+            # Windows, where a mapped checkpoint could not be replaced or deleted while loaded.
+            mmap = os.name != "nt"
         precision = args.precision or "fp32"
         stft_setting = pick(args.use_torch_stft, s.use_torch_stft)
         if args.use_torch_stft is None and s.sources.get("use_torch_stft", "default") == "default":
@@ -827,6 +833,7 @@ class Worker:
             "use_chunk": pick(args.use_chunk, False),
             "chunk_seconds": pick(args.chunk_seconds, session.chunk_seconds),
             "chunk_length": pick(args.chunk_length, session.chunk_length),
+            "context_seconds": args.context_seconds,
             "output_sr": args.output_sr,
             "output_subtype": args.output_subtype,
             "output_channels": args.output_channels,

@@ -112,6 +112,7 @@ class SeparateArgs:
     use_chunk: bool | str | None = None  # True, False or "auto"
     chunk_seconds: float | None = None
     chunk_length: float | None = None
+    context_seconds: float | None = None  # context fed on each side of a chunk (the overlap)
     use_torch_stft: bool | str | None = None
     auto_stft_seconds: float | None = None
     output_sr: int | str | None = None  # Hz or "input"
@@ -351,6 +352,7 @@ def _parse_separate(obj: dict) -> SeparateArgs:
         use_chunk=_opt_bool_or_auto(obj, "use_chunk"),
         chunk_seconds=_opt_positive_number(obj, "chunk_seconds"),
         chunk_length=_opt_positive_number(obj, "chunk_length"),
+        context_seconds=_opt_positive_number(obj, "context_seconds", allow_zero=True),
         use_torch_stft=_opt_bool_or_auto(obj, "use_torch_stft"),
         auto_stft_seconds=_opt_positive_number(obj, "auto_stft_seconds"),
         output_sr=_opt_output_sr(obj, "output_sr"),
@@ -436,18 +438,19 @@ def _opt_bool_or_auto(obj: dict, name: str) -> bool | str | None:
     raise _bad(name, "true, false or \"auto\"", value)
 
 
-def _opt_positive_number(obj: dict, name: str) -> float | None:
+def _opt_positive_number(obj: dict, name: str, allow_zero: bool = False) -> float | None:
+    what = "a non-negative" if allow_zero else "a positive"
     value = obj.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(name, "a positive number of seconds", value)
+        raise _bad(name, f"{what} number of seconds", value)
     try:
         number = float(value)
     except OverflowError:  # an integer literal too large for a float
-        raise _bad(name, "a positive finite number of seconds", value) from None
-    if not math.isfinite(number) or number <= 0:
-        raise _bad(name, "a positive finite number of seconds", value)
+        raise _bad(name, f"{what} finite number of seconds", value) from None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        raise _bad(name, f"{what} finite number of seconds", value)
     return number
 
 
