@@ -35,6 +35,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchmark import make_input  # noqa: E402  (the same synthetic stereo inputs as the CPU rows)
 
 import torch  # noqa: E402
 
@@ -46,17 +49,8 @@ def row(section: str, name: str, value, **extra) -> None:
     print(f"[{section}] {name}: {value} {json.dumps(extra) if extra else ''}", flush=True)
 
 
-def set_tf32(on: bool) -> None:
-    torch.backends.cudnn.allow_tf32 = on
-    torch.backends.cuda.matmul.allow_tf32 = on
-
-
-MODES = {  # name -> (precision argument, TF32 allowed)
-    "fp32": ("fp32", False),
-    "tf32": ("tf32", True),
-    "bf16": ("bf16", False),
-    "fp16": ("fp16", False),
-}
+# load_model precisions; the model sets cuDNN's TF32 switch itself for each forward pass.
+MODES = ("fp32", "tf32", "bf16", "fp16")
 
 
 def peak_err(y: np.ndarray, ref: np.ndarray) -> float:
@@ -66,22 +60,6 @@ def peak_err(y: np.ndarray, ref: np.ndarray) -> float:
 def snr_db(ref: np.ndarray, est: np.ndarray) -> float:
     err = np.sum((ref.astype(np.float64) - est) ** 2)
     return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / err))
-
-
-def make_input(path: Path, seconds: float, sr: int = 44100) -> Path:
-    import soundfile as sf
-
-    if path.exists():
-        return path
-    rng = np.random.default_rng(1)
-    n = int(seconds * sr)
-    with sf.SoundFile(path, "w", sr, 2, "PCM_16") as f:
-        for start in range(0, n, sr * 10):
-            m = min(sr * 10, n - start)
-            t = (start + np.arange(m)) / sr
-            x = 0.2 * np.sin(2 * np.pi * 440 * t)[:, None] + 0.05 * rng.standard_normal((m, 2))
-            f.write(x.astype(np.float32))
-    return path
 
 
 def prepare_model(work: Path, fixtures: Path, device: str) -> dict[str, str]:
@@ -104,9 +82,7 @@ def prepare_model(work: Path, fixtures: Path, device: str) -> dict[str, str]:
 def load(paths, device: str, mode: str, use_torch_stft: bool = False):
     from dsu_audiosep.model.checkpoints import load_model
 
-    precision, tf32 = MODES[mode]
-    set_tf32(tf32)
-    return load_model(model_dir=paths["model_dir"], device=device, precision=precision, use_torch_stft=use_torch_stft)
+    return load_model(model_dir=paths["model_dir"], device=device, precision=mode, use_torch_stft=use_torch_stft)
 
 
 def section_parity(paths, device, fixtures: Path) -> None:
@@ -121,7 +97,6 @@ def section_parity(paths, device, fixtures: Path) -> None:
             row("parity", f"{mode} {'torch.stft' if torch_stft else 'conv STFT'} vs original",
                 f"peak err {peak_err(y, ref):.2e}, SNR {snr_db(ref, y):.1f} dB")
             del m
-    set_tf32(False)
 
 
 def sync() -> None:
@@ -174,7 +149,6 @@ def section_network(paths, device, shapes, modes, reps: int) -> None:
                 torch.cuda.empty_cache()
             del m
             torch.cuda.empty_cache()
-    set_tf32(False)
 
 
 def section_e2e(paths, device, work: Path, durations, modes, reps: int, chunks=(None,)) -> None:
@@ -216,7 +190,6 @@ def section_e2e(paths, device, work: Path, durations, modes, reps: int, chunks=(
             torch.cuda.empty_cache()
     finally:
         sep._run_window = orig
-        set_tf32(False)
 
 
 def section_io(work: Path) -> None:

@@ -113,6 +113,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "src"))
     from dsu_audiosep.demo import prepare_demo
+    from dsu_audiosep.model.checkpoints import load_model
     from dsu_audiosep.model.convert import convert
 
     paths = prepare_demo(work / "demo")
@@ -165,13 +166,30 @@ def main() -> int:
     row("text encoding, new short query (ms, from elapsed difference)", f"{1000 * (median(t_new) - median(t_cached)):.0f}")
 
     for secs, p in inputs.items():
-        w.call({"cmd": "separate", "input": str(p), "output": str(out), "text": "vocals"})  # warm
+        cold = w.call({"cmd": "separate", "input": str(p), "output": str(out), "text": f"cold query {secs:g}"})["elapsed"]
+        row(f"cold separate {secs:g} s stereo: first job on this file, new query (s)", f"{cold:.2f}")
         for chunk in (False, True):
             ts = [w.call({"cmd": "separate", "input": str(p), "output": str(out), "text": "vocals", "use_chunk": chunk})["elapsed"] for _ in range(args.repeat)]
             m = median(ts)
             row(f"warm separate {secs:g} s stereo 44.1 kHz, use_chunk={chunk} (s, median of {args.repeat})",
                 f"{m:.2f}  ({m / secs:.3f} s per stereo second, {secs / m:.1f}x real time)")
     w.close()
+
+    # The Python API in this process (no pipes, no worker): same model files, same inputs.
+    from dsu_audiosep import separate_audio
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    api_model = load_model(model_dir=str(conv_dir), device="cpu")
+    for secs in (4, 40):
+        separate_audio(api_model, str(inputs[secs]), "vocals", str(out))
+        ts = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            separate_audio(api_model, str(inputs[secs]), "vocals", str(out))
+            ts.append(time.perf_counter() - t)
+        row(f"API: warm separate_audio {secs:g} s stereo, full pass (s, median of {args.repeat})", f"{median(ts):.2f}")
+    del api_model
 
     # spawn-per-job: a fresh process for one 4 s job (what a naive parent does)
     ts = []
@@ -185,6 +203,13 @@ def main() -> int:
     row("spawn-per-job 4 s stereo, converted model (wall s, median)", f"{median(ts):.2f}")
 
     if args.long:
+        p = make_input(work / "in_1min.wav", 60)
+        w = Worker(argv)
+        w.call(load_orig)  # the worker's default mmap (true except on Windows)
+        r = w.call({"cmd": "separate", "input": str(p), "output": str(out), "text": "vocals", "use_chunk": "auto"})
+        row("1 min stereo, original .ckpt (default mmap), auto chunking: elapsed s / peak RSS MB",
+            f"{r['elapsed']:.1f} s / {w.peak_rss_mb():.0f} MB")
+        w.close()
         for minutes in args.minutes:
             p = make_input(work / f"in_{minutes:g}min.wav", minutes * 60)
             w = Worker(argv)

@@ -29,15 +29,7 @@ while (( $# )); do
   shift
 done
 
-if [[ -n "${PYTHON:-}" ]]; then
-  py="$PYTHON"
-elif [[ -x .venv/bin/python ]]; then
-  py=.venv/bin/python
-elif [[ -x .venv/Scripts/python.exe ]]; then  # Git Bash on Windows
-  py=.venv/Scripts/python.exe
-else
-  py=python3
-fi
+source scripts/_python.sh  # after the cd above: relative to the repository root
 export PYTHON="$py"
 
 start=$(date +%s)

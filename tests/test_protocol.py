@@ -366,7 +366,21 @@ def test_defaults(tmp_path):
     s = settings_for(tmp_path)
     assert (s.max_cached_models, s.use_torch_stft, s.auto_stft_seconds, s.mmap, s.chunk_seconds, s.device) == (
         1, False, 60.0, False, 30.0, "auto")
+    assert s.precision == "fp32"
     assert set(s.sources.values()) == {"default"}
+
+
+def test_default_precision_from_env_policy_or_flag(tmp_path):
+    """A deployment can make the fast CUDA mode its default without changing the parent app."""
+    s = settings_for(tmp_path, {"audiosep": {"precision": "TF32"}})
+    assert s.precision == "tf32" and s.sources["precision"] == "policy"
+    s = settings_for(tmp_path, {"audiosep": {"precision": "tf32"}}, env={"AUDIOSEP_PRECISION": "fp16"})
+    assert s.precision == "fp16" and s.sources["precision"] == "env"
+    s = settings_for(tmp_path, env={"AUDIOSEP_PRECISION": "fp16"}, flags={"precision": "bf16"})
+    assert s.precision == "bf16"
+    warnings: list[str] = []
+    s = settings_for(tmp_path, env={"AUDIOSEP_PRECISION": "fp64"}, warnings=warnings)
+    assert s.precision == "fp32" and any("precision" in w for w in warnings)
 
 
 def test_policy_audiosep_section_beats_global(tmp_path):

@@ -782,3 +782,13 @@ def test_context_seconds_sets_the_chunk_overlap(model_worker, demo_model, tmp_pa
     bad = client.request({"cmd": "separate", "input": str(mix), "output": str(tmp_path / "x.wav"), "context_seconds": -1})
     assert bad["status"] == "error" and bad["code"] == "invalid_field" and "context_seconds" in bad["message"]
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_default_precision_comes_from_the_environment(spawn, demo_model):
+    client = spawn(env=clean_env(AUDIOSEP_PRECISION="bf16"))
+    client.wait_ready()
+    load(client, demo_model)
+    status = client.request({"cmd": "get_status"})
+    assert status["precision"] == "bf16" and status["settings_sources"]["precision"] == "env"
+    load(client, demo_model, precision="fp32")  # a job field still wins
+    assert client.request({"cmd": "get_status"})["precision"] == "fp32"

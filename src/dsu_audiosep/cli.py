@@ -39,6 +39,7 @@ def _worker_parser():
                         help="memory-map checkpoints when loading")
     parser.add_argument("--no-mmap", dest="mmap", action="store_const", const=False)
     parser.add_argument("--chunk-seconds", metavar="S", help="use_chunk auto threshold (30)")
+    parser.add_argument("--precision", metavar="P", help="default precision: fp32 (exact), tf32, bf16 or fp16")
     return parser
 
 
@@ -46,7 +47,7 @@ def _worker_flags(ns: Any) -> dict[str, Any]:
     from .worker.policy import parse_setting, warn_stderr
 
     flags: dict[str, Any] = {}
-    for key in ("max_cached_models", "device", "use_torch_stft", "auto_stft_seconds", "chunk_seconds", "mmap"):
+    for key in ("max_cached_models", "device", "use_torch_stft", "auto_stft_seconds", "chunk_seconds", "mmap", "precision"):
         raw = getattr(ns, key, None)
         if raw is None:
             continue

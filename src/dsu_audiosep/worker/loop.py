@@ -717,7 +717,7 @@ class Worker:
             # text encoder's pages can go back to the kernel during long separations). Not on
             # Windows, where a mapped checkpoint could not be replaced or deleted while loaded.
             mmap = os.name != "nt"
-        precision = args.precision or "fp32"
+        precision = pick(args.precision, s.precision)
         stft_setting = pick(args.use_torch_stft, s.use_torch_stft)
         if args.use_torch_stft is None and s.sources.get("use_torch_stft", "default") == "default":
             # Nobody chose: pick per device from measurements. On an H100 torch.stft (cuFFT) makes

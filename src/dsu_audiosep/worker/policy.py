@@ -16,6 +16,7 @@ Environment variables (same meaning as the policy keys):
     AUDIOSEP_MMAP                true | false
     AUDIOSEP_CHUNK_SECONDS       positive number
     AUDIOSEP_DEVICE              auto | cpu | cuda | cuda:N | mps
+    AUDIOSEP_PRECISION           fp32 | tf32 | bf16 | fp16   (the default for load_model)
 """
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ ENV_NAMES = {
     "mmap": "AUDIOSEP_MMAP",
     "chunk_seconds": "AUDIOSEP_CHUNK_SECONDS",
     "device": "AUDIOSEP_DEVICE",
+    "precision": "AUDIOSEP_PRECISION",
 }
-POLICY_KEYS = ("max_cached_models", "use_torch_stft", "auto_stft_seconds", "mmap", "chunk_seconds")
+POLICY_KEYS = ("max_cached_models", "use_torch_stft", "auto_stft_seconds", "mmap", "chunk_seconds", "precision")
+PRECISION_NAMES = ("fp32", "tf32", "bf16", "fp16")
 
 DEFAULTS: dict[str, Any] = {
     "max_cached_models": 1,
@@ -48,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "mmap": False,
     "chunk_seconds": 30.0,
     "device": "auto",
+    "precision": "fp32",
 }
 
 Warn = Callable[[str], None]
@@ -69,6 +73,7 @@ class Settings:
     mmap: bool = False
     chunk_seconds: float = 30.0
     device: str = "auto"
+    precision: str = "fp32"
     # Which layer supplied each value ("flag", "env", "policy", "default"): shown in get_status.
     sources: dict[str, str] = field(default_factory=dict, compare=False)
     policy_path: str | None = None
@@ -121,6 +126,10 @@ def parse_setting(name: str, value: Any) -> Any:
         if not math.isfinite(number) or number <= 0:
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         return number
+    if name == "precision":
+        if isinstance(value, str) and value.strip().lower() in PRECISION_NAMES:
+            return value.strip().lower()
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_NAMES)}, got {value!r}")
     if name == "device":
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"device must be a name such as auto, cpu, cuda or mps, got {value!r}")
