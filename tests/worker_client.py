@@ -44,6 +44,9 @@ def clean_env(policy_path: str | os.PathLike | None = None, **extra: str) -> dic
     file that does not exist unless a test passes one.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOSEP_")}
+    # The worker suites expect the CPU's per-device defaults (conv STFT, one channel at a time)
+    # whatever the machine has; the CUDA path has its own tests (test_cuda.py, explicit device).
+    env["AUDIOSEP_DEVICE"] = "cpu"
     if policy_path is None:
         policy_path = Path(tempfile.gettempdir()) / "dsu-audiosep-tests-no-policy" / "none.json"
     env["DSU_RUNTIME_POLICY_PATH"] = str(policy_path)

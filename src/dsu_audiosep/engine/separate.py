@@ -30,7 +30,10 @@ from .chunking import DEFAULT_CONTEXT_S, GRID, SAMPLE_RATE, Window, plan_windows
 
 log = logging.getLogger(__name__)
 
-RELEASE_TEXT_PAGES_S = 4.0  # from here on a window's activations (~105 MB/s on CPU) outweigh RoBERTa's pages
+# From about 7 s on, a window's activations (~100 MB per second on CPU) plus the text encoder's
+# resident pages (~335 MB after a query) would pass the peak of the longest default window
+# without them (10.88 s): page them out first. Shorter windows keep them (no re-read on the next query).
+RELEASE_TEXT_PAGES_S = 7.0
 MIN_WINDOW = 2048  # reflect padding of the centred STFT needs more than n_fft / 2 samples
 READ_BLOCK = 1 << 16
 
