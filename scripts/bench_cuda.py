@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchmark import make_input  # noqa: E402  (the same synthetic stereo inputs as the CPU rows)
+from benchmark import Worker, make_input  # noqa: E402  (the CPU rows' pipe client and inputs)
 
 import torch  # noqa: E402
 
@@ -215,62 +214,30 @@ def section_io(work: Path) -> None:
         row("io", "soxr HQ 44.1k->32k, two channels in two threads", f"{time.perf_counter() - t:.3f} s")
 
 
-def _peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def section_worker(paths, work: Path, durations, reps: int, device: str, precisions=("fp32",), long_durations=()) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "dsu_audiosep", "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env)
-
-    def read():
-        line = p.stdout.readline()
-        if not line:
-            raise RuntimeError("worker ended")
-        return json.loads(line)
-
-    def call(cmd):
-        p.stdin.write(json.dumps(cmd) + "\n")
-        p.stdin.flush()
-        while True:
-            r = read()
-            if r.get("status") in ("done", "error", "model_loaded", "exiting"):
-                if r["status"] == "error":
-                    raise RuntimeError(r)
-                return r
-
-    while read().get("status") != "ready":
-        pass
-    row("worker", "spawn -> ready (python source, this machine)", f"{time.perf_counter() - t0:.2f} s")
-    r = call({"cmd": "load_model", "checkpoint_path": paths["checkpoint_path"], "roberta_dir": paths["roberta_dir"], "device": device})
+    w = Worker([sys.executable, "-m", "dsu_audiosep", "--worker"], env=env)
+    row("worker", "spawn -> ready (python source, this machine)", f"{w.t_ready:.2f} s")
+    r = w.call({"cmd": "load_model", "checkpoint_path": paths["checkpoint_path"], "roberta_dir": paths["roberta_dir"], "device": device})
     row("worker", "load_model original .ckpt on the device (elapsed)", f"{r['elapsed']:.2f} s")
     for precision in precisions:
-        r = call({"cmd": "load_model", "model_dir": paths["model_dir"], "device": device, "precision": precision})
+        r = w.call({"cmd": "load_model", "model_dir": paths["model_dir"], "device": device, "precision": precision})
         row("worker", f"load_model converted folder, {precision} (elapsed)", f"{r['elapsed']:.2f} s", device=r.get("device"))
         for secs in durations:
             inp = make_input(work / f"in_{secs:g}s.wav", secs)
             cmd = {"cmd": "separate", "input": str(inp), "output": str(work / "wout.wav"), "text": "vocals", "use_chunk": "auto"}
-            call(cmd)
-            ts = [call(cmd)["elapsed"] for _ in range(reps)]
+            w.call(cmd)
+            ts = [w.call(cmd)["elapsed"] for _ in range(reps)]
             t = statistics.median(ts)
             row("worker", f"{precision}: warm separate {secs:g}s stereo 44.1k via worker (elapsed, median of {reps})",
                 f"{t:.3f} s ({secs / t:.0f}x real time)", all=ts)
         for secs in long_durations:
             inp = make_input(work / f"in_{secs:g}s.wav", secs)
             cmd = {"cmd": "separate", "input": str(inp), "output": str(work / "wout.wav"), "text": "vocals", "use_chunk": "auto"}
-            t = call(cmd)["elapsed"]
+            t = w.call(cmd)["elapsed"]
             row("worker", f"{precision}: separate {secs:g}s stereo 44.1k via worker (elapsed, once)",
-                f"{t:.2f} s ({secs / t:.0f}x real time), worker peak RSS so far {_peak_rss_mb(p.pid):.0f} MB")
-    call({"cmd": "exit"})
-    p.wait(timeout=60)
+                f"{t:.2f} s ({secs / t:.0f}x real time), worker peak RSS so far {w.peak_rss_mb():.0f} MB")
+    w.close()
 
 
 def main() -> int:

@@ -32,9 +32,10 @@ FROZEN = REPO / "dist" / "dsu-audiosep" / ("dsu-audiosep.exe" if os.name == "nt"
 
 
 class Worker:
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
         self.t0 = time.perf_counter()
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  bufsize=1, env=env)
         self.first = self._line()
         self.t_first = time.perf_counter() - self.t0
         while True:

@@ -54,11 +54,8 @@ def page_out(tensors: Iterable) -> int:
     """Advise the kernel to reclaim the whole pages under these CPU tensors; returns bytes advised."""
     if not sys.platform.startswith("linux"):
         return 0
-    spans = sorted(
-        (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
-        for t in tensors
-        if t.device.type == "cpu" and t.untyped_storage().nbytes() > 0
-    )
+    storages = [t.untyped_storage() for t in tensors if t.device.type == "cpu"]
+    spans = sorted((st.data_ptr(), st.data_ptr() + st.nbytes()) for st in storages if st.nbytes() > 0)
     merged: list[list[int]] = []
     for start, end in spans:
         if merged and start <= merged[-1][1]:

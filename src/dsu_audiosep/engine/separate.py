@@ -85,6 +85,10 @@ CUDA_BYTES_PER_SECOND = {torch.float32: 130e6, torch.bfloat16: 50e6, torch.float
 CUDA_MAX_CHUNK = 30.72  # longer windows are no faster on an H100 and delay the first write
 
 
+def _cuda_bytes_per_second(dtype: torch.dtype) -> float:
+    return CUDA_BYTES_PER_SECOND.get(dtype, CUDA_BYTES_PER_SECOND[torch.float32])
+
+
 def _cuda_free_bytes(device: torch.device) -> int:
     """Free memory as the caching allocator sees it: the driver's free bytes plus torch's own idle cache."""
     free, _total = torch.cuda.mem_get_info(device)
@@ -100,7 +104,7 @@ def default_chunk_length(device: torch.device, dtype: torch.dtype = torch.float3
     shorter if half the free memory cannot hold a stereo batch of that length.
     """
     if device.type == "cuda":
-        per_second = 2 * CUDA_BYTES_PER_SECOND.get(dtype, CUDA_BYTES_PER_SECOND[torch.float32])
+        per_second = 2 * _cuda_bytes_per_second(dtype)
         return float(max(2.56, min(CUDA_MAX_CHUNK, _cuda_free_bytes(device) * 0.5 / per_second)))
     return 9.6
 
@@ -109,8 +113,7 @@ def full_pass_limit_seconds(device: torch.device, channels: int, dtype: torch.dt
     """Longest file separated as one window; above it the engine chunks (same output within float
     noise, see chunking.py) rather than exhausting memory."""
     if device.type == "cuda":
-        per_second = CUDA_BYTES_PER_SECOND.get(dtype, CUDA_BYTES_PER_SECOND[torch.float32])
-        return _cuda_free_bytes(device) * 0.6 / (max(1, channels) * per_second)
+        return _cuda_free_bytes(device) * 0.6 / (max(1, channels) * _cuda_bytes_per_second(dtype))
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # Windows: no sysconf
@@ -224,6 +227,13 @@ class _Pipeline:
                 threading.Thread(target=stage, name="dsu-write", daemon=True,
                                  args=(self._write, writers, windows, c_sep, out_sr, out_frames, mix_fifo, separated, stop)),
             ]
+
+            def halt() -> None:
+                stop.set()
+                for t in threads:
+                    if t.is_alive():
+                        t.join()
+
             try:
                 for w in writers:
                     w.open()
@@ -243,26 +253,19 @@ class _Pipeline:
                     if self.progress is not None:
                         self.progress(done / max(1, n32))
                 _put(separated, _END, stop)
-                threads[1].join()
+                for t in threads:
+                    t.join()
                 if errors:
                     raise errors[0]
                 for w in writers:
                     w.commit()
             except BaseException as exc:
-                stop.set()
-                for t in threads:
-                    if t.is_alive():
-                        t.join()
+                halt()  # no stage may touch a writer while it is aborted
                 for w in writers:
                     w.abort()
                 if isinstance(exc, _Stopped) and errors:
                     raise errors[0] from None
                 raise
-            finally:
-                stop.set()
-                for t in threads:
-                    if t.is_alive():
-                        t.join()
             return len(windows)
 
     def _read(self, reader, windows: list[Window], c_in: int, c_sep: int, n32: int, out_frames: int,

@@ -335,6 +335,12 @@ class Session:
         return "auto" if self.use_torch_stft == "auto" else "force"
 
 
+def _unchosen(job_value: Any, settings: Settings, name: str) -> bool:
+    """Neither the job nor a flag, the environment or the policy file set ``name``: the built-in
+    default applies, which the worker may then pick per device."""
+    return job_value is None and settings.sources.get(name, "default") == "default"
+
+
 def _stft_mode(setting: bool | str) -> tuple[str, bool]:
     """The original worker's (mode, value) pair: "auto" starts with the convolution STFT."""
     if setting == "auto":
@@ -712,14 +718,14 @@ class Worker:
         paths = self._resolve_model_paths(args)
         device = resolve_device(pick(args.device, s.device))
         mmap = bool(pick(args.mmap, s.mmap))
-        if args.mmap is None and s.sources.get("mmap", "default") == "default":
+        if _unchosen(args.mmap, s, "mmap"):
             # Nobody chose: map the weights (loads in ~0.1 s instead of ~0.7 s, and on CPU the idle
             # text encoder's pages can go back to the kernel during long separations). Not on
             # Windows, where a mapped checkpoint could not be replaced or deleted while loaded.
             mmap = os.name != "nt"
         precision = pick(args.precision, s.precision)
         stft_setting = pick(args.use_torch_stft, s.use_torch_stft)
-        if args.use_torch_stft is None and s.sources.get("use_torch_stft", "default") == "default":
+        if _unchosen(args.use_torch_stft, s, "use_torch_stft"):
             # Nobody chose: pick per device from measurements. On an H100 torch.stft (cuFFT) makes
             # the whole pass 5-20% faster than the conv STFT; on CPU the two cost the same, and the
             # conv STFT uses the checkpoint's own kernels (the seed's default).

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .protocol import PRECISIONS
+
 POLICY_ENV = "DSU_RUNTIME_POLICY_PATH"
 DEFAULT_POLICY_PATH = Path("~/.dsu/runtime_policy.json")
 POLICY_SECTIONS = ("global", "audiosep")  # later sections win
@@ -42,7 +44,6 @@ ENV_NAMES = {
     "precision": "AUDIOSEP_PRECISION",
 }
 POLICY_KEYS = ("max_cached_models", "use_torch_stft", "auto_stft_seconds", "mmap", "chunk_seconds", "precision")
-PRECISION_NAMES = ("fp32", "tf32", "bf16", "fp16")
 
 DEFAULTS: dict[str, Any] = {
     "max_cached_models": 1,
@@ -127,9 +128,9 @@ def parse_setting(name: str, value: Any) -> Any:
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         return number
     if name == "precision":
-        if isinstance(value, str) and value.strip().lower() in PRECISION_NAMES:
+        if isinstance(value, str) and value.strip().lower() in PRECISIONS:
             return value.strip().lower()
-        raise ValueError(f"precision must be one of {', '.join(PRECISION_NAMES)}, got {value!r}")
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
     if name == "device":
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"device must be a name such as auto, cpu, cuda or mps, got {value!r}")
