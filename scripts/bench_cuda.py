@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CUDA checks and benchmark rows, for a machine with an NVIDIA GPU.
 
-    python scripts/bench_cuda.py --fixtures ../shared/fixtures --out results/
+    python scripts/bench_cuda.py --fixtures tests/fixtures --out results/
 
 Runs from a source checkout (PYTHONPATH=src is set for the worker it spawns) with whatever torch
 the machine has. Sections, each independent (a failing one is reported and the rest go on):
@@ -242,7 +242,7 @@ def section_worker(paths, work: Path, durations, reps: int, device: str, precisi
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fixtures", default=str(REPO.parent / "shared" / "fixtures"))
+    ap.add_argument("--fixtures", default=str(REPO / "tests" / "fixtures"))
     ap.add_argument("--work", default="/tmp/dsu-bench-cuda")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda")

@@ -5,7 +5,10 @@
 #   2. runs the quick pytest suite (everything not marked slow), with the frozen-binary tests
 #      required (DSU_REQUIRE_FROZEN=1: a missing build fails instead of skipping);
 #   3. runs the worker protocol and robustness suites (tests/test_worker.py, test_robustness.py)
-#      again, against the frozen binary over real pipes (DSU_WORKER_CMD).
+#      again, against the frozen binary over real pipes (DSU_WORKER_CMD);
+#   4. on x86-64 with AVX2, runs the numerics tests (marker "numerics": parity with the original,
+#      two code paths of one computation) again with AVX2-only kernels (scripts/avx2_only.env), so
+#      an AVX-512/AMX machine also checks what an AMD Zen 1-3 or older Intel user computes.
 #
 #   scripts/test.sh                 all three steps
 #   scripts/test.sh --no-frozen     step 2 only, frozen tests skipped (no build needed)
@@ -68,6 +71,14 @@ run_pytest quick-suite ${extra[@]+"${extra[@]}"}
 if (( frozen )) && [[ -f tests/test_worker.py ]]; then
   echo "== test.sh: worker protocol suite against the frozen binary ($exe)"
   DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py tests/test_robustness.py
+fi
+
+if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+  echo "== test.sh: numerics tests with AVX2-only kernels (scripts/avx2_only.env)"
+  mapfile -t avx2_vars < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' scripts/avx2_only.env)
+  export "${avx2_vars[@]}"
+  run_pytest numerics-avx2 -m "numerics and not slow" ${extra[@]+"${extra[@]}"}
+  unset "${avx2_vars[@]%%=*}"
 fi
 
 "$py" - "$reports" "$(( $(date +%s) - start ))" ${failed_steps[@]+"${failed_steps[@]}"} <<'PYEOF'

@@ -1,4 +1,9 @@
-"""Shared fixtures: synthetic checkpoints in the real formats, written once per test session."""
+"""Shared fixtures: synthetic checkpoints in the real formats, written once per test session.
+
+The reference data (manifests of the released checkpoints, outputs of the original code) lives in
+``tests/fixtures`` inside the repository, so a bare clone runs every test. ``DSU_FIXTURES`` may
+point elsewhere (a newer copy); a missing folder is a failure, never a skip.
+"""
 from __future__ import annotations
 
 import os
@@ -9,7 +14,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("DSU_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("DSU_FIXTURES") or REPO / "tests" / "fixtures")
 CONFIG = REPO / "config" / "audiosep_base.yaml"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -17,7 +22,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def need_fixtures() -> Path:
     if not (FIXTURES / "manifest_audiosep_ckpt.json").exists():
-        pytest.skip(f"reference fixtures not found at {FIXTURES} (set DSU_FIXTURES)")
+        pytest.fail(f"reference fixtures not found at {FIXTURES} (they ship in tests/fixtures; DSU_FIXTURES overrides)")
     return FIXTURES
 
 
@@ -57,3 +62,23 @@ def sep_fixture(fixtures_dir):
 def snr_db(ref: np.ndarray, est: np.ndarray) -> float:
     err = np.sum((np.asarray(ref, np.float64) - est) ** 2)
     return float("inf") if err == 0 else 10 * np.log10(np.sum(np.asarray(ref, np.float64) ** 2) / err)
+
+
+# float32 rounding: one unit in the last place at 1.0. Two code paths that compute the same
+# function (checkpoint vs converted folder, mmap vs read, another CPU's kernels) may sum in another
+# order; each of the network's reductions then differs by a few ulps of its magnitude, and the
+# difference grows roughly with the square root of the depth. Bit-equality is not a float32
+# property, so such comparisons allow FLOAT32_PATHS_ULPS ulps of the reference's peak.
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+FLOAT32_PATHS_ULPS = 256  # 3.1e-5 of the peak: 1/3 of SPEC's parity bound, far below any real bug
+
+
+def assert_same_function(actual, expected, ulps: int = FLOAT32_PATHS_ULPS) -> None:
+    """``actual`` and ``expected`` (tensors or arrays) come from two code paths of one float32
+    computation: equal shapes, and no element further apart than ``ulps`` ulps of the peak."""
+    a = np.asarray(actual.detach().cpu() if isinstance(actual, torch.Tensor) else actual, np.float64)
+    e = np.asarray(expected.detach().cpu() if isinstance(expected, torch.Tensor) else expected, np.float64)
+    assert a.shape == e.shape, (a.shape, e.shape)
+    peak = max(float(np.abs(e).max(initial=0.0)), np.finfo(np.float32).tiny)
+    err = float(np.abs(a - e).max(initial=0.0))
+    assert err <= ulps * FLOAT32_EPS * peak, f"max difference {err:.3g} = {err / (FLOAT32_EPS * peak):.1f} ulps of the peak {peak:.3g} (allowed {ulps})"

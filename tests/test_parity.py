@@ -1,15 +1,18 @@
-"""Numerical parity with the original implementation (shared/fixtures/public), through the public API."""
+"""Numerical parity with the original implementation (tests/fixtures/public), through the public API."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
 from conftest import snr_db
 from dsu_audiosep.model.resunet import ResUNet30
 from dsu_audiosep.model.stft import dft_kernels
+
+pytestmark = pytest.mark.numerics
 
 
 def _manifest(fixtures_dir):

@@ -157,6 +157,15 @@ def test_oversized_line_marker():
     assert err.code == errors.INVALID_JSON and "too long" in err.message
 
 
+@pytest.mark.parametrize("raw,blank", [(b"", True), (b"   \t ", True), (b"\r", True), (b"\xef\xbb\xbf  ", True),
+                                       (" \u3000\xa0".encode(), True), (b"\xff", False), (b"x", False),
+                                       (b'{"cmd":"ping"}', False)])
+def test_blank_lines_are_recognised(raw, blank):
+    # The worker skips these without a reply (the seed's contract); parse_line still rejects them.
+    assert P.is_blank_line(raw) is blank
+    assert P.is_blank_line(P.OversizedLine(10)) is False
+
+
 def test_bom_and_whitespace_are_tolerated():
     assert P.parse_line(b'\xef\xbb\xbf{"cmd":"ping"}\r').cmd == "ping"
     assert P.parse_line(b'   {"cmd":"ping"}   ').cmd == "ping"
@@ -181,6 +190,7 @@ def test_missing_or_bad_cmd(obj):
 def test_unknown_command(cmd):
     err = parse_error({"cmd": cmd, "id": "u"})
     assert err.code == errors.UNKNOWN_COMMAND and err.request_id == "u"
+    assert err.message.startswith("Unknown command: " + cmd[:60])
     assert len(err.message) < 500
 
 

@@ -4,8 +4,8 @@ The module starts a worker over real pipes, loads the (untrained, synthetic) dem
 then feeds it broken audio, odd text, bad output paths and broken model files. After every command
 it checks: exactly one terminal reply (the next ``ping`` is answered straight after it), a stable
 error ``code`` with a message naming the problem - or ``done`` with a correct, finite output - and
-no partial file left anywhere. Every stdout line must be JSON. The last test of the module runs one
-normal separation on the same worker: nothing before it may have damaged it.
+no partial file left anywhere. Every stdout line must be JSON. One test feeds the module's worker a
+hostile input of each kind and then a normal separation: nothing may have damaged it.
 
 Faults that end a worker (SIGINT, stdin closed, a small file-size limit, a parent that stops
 reading) get their own worker each.
@@ -581,13 +581,10 @@ def test_stdin_closed_while_progress_job_runs(demo, tmp_path):
         rest = client.drain(timeout=JOB_TIMEOUT)
         assert client.wait_exit(timeout=60) == 0
         assert rest[-1] == {"status": "shutdown", "reason": "stdin_closed"}, rest
+        # End of stdin is not a cancel (the seed's contract): the running job finishes first.
         terminal = [m for m in rest if m["status"] not in NON_TERMINAL]
-        assert len(terminal) == 1 and terminal[0]["id"] == "eof", rest
-        if terminal[0]["status"] == "done":
-            check_output(out, expected_frames(MODEL_SR, MODEL_SR))
-        else:
-            assert terminal[0]["code"] == "cancelled", terminal
-            assert not out.exists()
+        assert len(terminal) == 1 and terminal[0]["id"] == "eof" and terminal[0]["status"] == "done", rest
+        check_output(out, expected_frames(MODEL_SR, MODEL_SR))
         assert leftovers(out_dir) == []
         client.assert_all_json()
     finally:
@@ -729,14 +726,33 @@ def test_sigterm_while_stdout_is_full_mid_job(demo, tmp_path):
 
 
 # ============================================================================================
-# last: the module's worker, after all of the above, still does a normal job
+# the module's worker, after hostile inputs of every kind, still does a normal job
 
 
-def test_zz_worker_still_separates_after_everything(worker, tmp_path):
+def test_worker_still_separates_after_hostile_inputs(worker, demo, broken_models, tmp_path):
+    """Independent of test order: this test itself first feeds the module's worker one hostile
+    input of each kind (audio, text, output, model file, protocol), then runs a normal job."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    short = bad.wav(tmp_path / "in" / "short.wav", 0.25)
+    expect_error(worker, separate_cmd(bad.truncated_wav(tmp_path / "in" / "cut.wav"), tmp_path / "out" / "a.wav"),
+                 "invalid_audio", "cut.wav")
+    expect_error(worker, separate_cmd(short, tmp_path / "out" / "b.wav", text={"text": "dog"}), "invalid_field")
+    expect_error(worker, separate_cmd(short, tmp_path / "missing" / "c.wav"), "output_error", "does not exist")
+    expect_error(worker, load_cmd(demo, checkpoint_path=str(broken_models["truncated"])), "invalid_checkpoint")
+    worker.send(b"{\"cmd\": \"separate\", \"input\": ")  # a line cut in the middle
+    reply, _ = worker.read_reply(JOB_TIMEOUT)
+    assert reply["code"] == "invalid_json", reply
+    confirm_alive(worker)
+    assert list((tmp_path / "out").iterdir()) == []
+
     inp = bad.wav(tmp_path / "final.wav", 1.0, 44100, channels=2)
     out = tmp_path / "final_out.flac"
+    started = time.monotonic()
     reply = expect_done(worker, separate_cmd(inp, out, text="guitar", output_subtype="PCM_24", progress=True))
-    assert reply["elapsed"] >= 0
+    wall = time.monotonic() - started
+    # elapsed is the job's own time: positive, and no more than the client waited for the reply
+    assert 0 < reply["elapsed"] <= wall, (reply["elapsed"], wall)
     check_output(out, 44100, subtype="PCM_24")
     worker.assert_all_json()
     assert worker.alive()

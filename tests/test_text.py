@@ -41,12 +41,13 @@ from dsu_audiosep.synthetic import schema_of, synthetic_state_dict
 
 import dsu_audiosep
 
-FIXTURES = Path(os.environ.get("DSU_FIXTURES") or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
+from conftest import FIXTURES
+
 # Shipped copy of the fixtures' tiny vocabulary (roberta-base sizes in config.json): tokenizer tests
 # need no fixtures folder.
 VOCAB_DIR = Path(dsu_audiosep.__file__).parent / "assets" / "demo_tokenizer"
 
-needs_fixtures = pytest.mark.skipif(not (FIXTURES / "public").is_dir(), reason=f"no fixtures at {FIXTURES}")
+needs_fixtures = pytest.mark.usefixtures("fixtures_dir")  # fails, never skips, when they are missing
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -167,6 +168,7 @@ def _hf_strips_like_slow(text: str) -> bool:
     return re.search(r"[\x1c-\x1f]\s*<mask>", text) is None
 
 
+@pytest.mark.numerics
 @needs_fixtures
 def test_tokenizer_matches_fixture_exactly(tokenizer):
     ref = np.load(FIXTURES / "public" / "tokenizer_check.npz")
@@ -413,6 +415,7 @@ def test_state_dict_keys_match_transformers(encoder, hf_model):
     assert set(dict(encoder.text_projection.named_parameters())) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
+@pytest.mark.numerics
 @needs_fixtures
 def test_embedding_parity_with_the_original(encoder):
     ref = np.load(FIXTURES / "public" / "text_case1.npz")
@@ -435,6 +438,7 @@ PARITY_TEXTS = ["vocals", "a dog barking", "pigeons are cooing in the background
                 "Harmonica and PIANO! 🎹", "  crowd\tcheering\n", "狗叫声 <mask> end"]
 
 
+@pytest.mark.numerics
 def test_roberta_matches_transformers(encoder, hf_model):
     tok = encoder.tokenizer
     for text in PARITY_TEXTS:
@@ -456,6 +460,7 @@ def test_roberta_matches_transformers_at_full_length(encoder, hf_model):
     assert (ours - ref).abs().max() < 1e-5
 
 
+@pytest.mark.numerics
 def test_padded_batch_equals_single_unpadded(encoder, hf_model):
     texts = ["dog", "a dog barking in the distance while rain falls"]
     ids, mask = encoder.tokenize(texts)

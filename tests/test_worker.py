@@ -174,13 +174,23 @@ def test_id_echo(shared, request_id):
     assert shared.request({"cmd": "ping", "id": request_id})["id"] == request_id
     err = shared.request({"cmd": "nope", "id": request_id})
     assert err["code"] == "unknown_command" and err["id"] == request_id
+    assert err["message"].startswith("Unknown command: nope")  # the seed's wording, which parents test
+
+
+def test_blank_lines_get_no_reply_and_replies_stay_in_order(shared):
+    """The seed skips blank lines silently; the parent pairs replies with requests by order."""
+    shared.send_bytes(b'\n   \t  \n\r\n{"cmd":"ping","id":"p"}\n\xef\xbb\xbf \n\n{"cmd":"fly","id":"u"}\n'
+                      + " \u3000\xa0 ".encode() + b'\n{"cmd":"get_status","id":"s"}\n\n')
+    replies = [shared.next_message() for _ in range(3)]
+    assert [(m["status"], m.get("id")) for m in replies] == [("pong", "p"), ("error", "u"), ("status", "s")]
+    assert replies[1]["code"] == "unknown_command" and replies[1]["message"].startswith("Unknown command: fly")
+    # nothing else was queued for the blank lines: the very next line answers this ping
+    assert shared.request({"cmd": "ping", "id": "after"}) == {"status": "pong", "model_loaded": False, "id": "after"}
 
 
 BAD_LINES = [
     (b"this is not json", "invalid_json"),
     (b"{\"cmd\": \"ping\"", "invalid_json"),
-    (b"", "invalid_json"),
-    (b"   \t  ", "invalid_json"),
     (b"\xff\xfe\xfa\x00\x01binary", "invalid_json"),
     (b"{\"cmd\": \"ping\", \"t\": \"\xc3\x28\"}", "invalid_json"),
     (b"{\"cmd\": \"ping\", \"x\": NaN}", "invalid_json"),
@@ -243,9 +253,8 @@ def test_crlf_and_bom_lines(shared):
 
 def test_several_commands_in_one_write(shared):
     shared.send_bytes(b'{"cmd":"ping","id":1}\n{"cmd":"ping","id":2}\n\n{"cmd":"ping","id":3}\n')
-    replies = [shared.read_reply()[0] for _ in range(4)]
-    assert [r.get("id") for r in replies] == [1, 2, None, 3]
-    assert replies[2]["code"] == "invalid_json"
+    replies = [shared.read_reply()[0] for _ in range(3)]
+    assert [r.get("id") for r in replies] == [1, 2, 3]  # the blank line between them gets no reply
 
 
 def test_ten_megabyte_lines(shared):

@@ -443,6 +443,8 @@ class Worker:
                 self._on_line(line)
 
     def _on_line(self, raw: bytes | P.OversizedLine) -> None:
+        if P.is_blank_line(raw):
+            return
         try:
             cmd = P.parse_line(raw)
         except P.RequestError as exc:

@@ -254,6 +254,18 @@ def decode_json_line(raw: bytes | OversizedLine) -> Any:
         ) from None
 
 
+def is_blank_line(raw: bytes | OversizedLine) -> bool:
+    """A line holding nothing but whitespace (or a byte-order mark). The seed worker skips such
+    lines without a reply, and the parent matches replies to requests by order: an unasked-for
+    error would put it out of step, so the reader drops them."""
+    if isinstance(raw, OversizedLine):
+        return False
+    try:
+        return not raw.decode("utf-8").lstrip("\ufeff").strip()
+    except UnicodeDecodeError:
+        return False
+
+
 def parse_line(raw: bytes | OversizedLine) -> Command:
     """One raw stdin line -> validated Command. Raises RequestError with a stable code."""
     obj = decode_json_line(raw)
@@ -285,7 +297,8 @@ def parse_object(obj: Any) -> Command:
         shown = cmd if len(cmd) <= 60 else cmd[:60] + "..."
         raise RequestError(
             errors.UNKNOWN_COMMAND,
-            f"unknown command {shown!r}; known commands: {', '.join(KNOWN_COMMANDS)}",
+            # The seed's wording starts the message: a parent may test that prefix.
+            f"Unknown command: {shown} (known commands: {', '.join(KNOWN_COMMANDS)})",
             request_id,
             cmd,
         )
