@@ -4,8 +4,9 @@
 #      its sources (scripts/build_frozen.sh --if-stale);
 #   2. runs the quick pytest suite (everything not marked slow), with the frozen-binary tests
 #      required (DSU_REQUIRE_FROZEN=1: a missing build fails instead of skipping);
-#   3. runs the worker protocol and robustness suites (tests/test_worker.py, test_robustness.py)
-#      again, against the frozen binary over real pipes (DSU_WORKER_CMD).
+#   3. runs the worker protocol, robustness and lifecycle suites (tests/test_worker.py,
+#      test_robustness.py, test_lifecycle.py) again, against the frozen binary over real pipes
+#      (DSU_WORKER_CMD).
 #
 #   scripts/test.sh                 all three steps
 #   scripts/test.sh --no-frozen     step 2 only, frozen tests skipped (no build needed)
@@ -67,7 +68,7 @@ run_pytest quick-suite ${extra[@]+"${extra[@]}"}
 
 if (( frozen )) && [[ -f tests/test_worker.py ]]; then
   echo "== test.sh: worker protocol suite against the frozen binary ($exe)"
-  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py tests/test_robustness.py
+  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py tests/test_robustness.py tests/test_lifecycle.py
 fi
 
 "$py" - "$reports" "$(( $(date +%s) - start ))" ${failed_steps[@]+"${failed_steps[@]}"} <<'PYEOF'
