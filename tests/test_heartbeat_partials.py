@@ -99,9 +99,10 @@ def test_heartbeat_repeats_status_then_progress_and_stops_at_end():
     lines = Lines()
     beat = hb.Heartbeat(lines.send, lambda: lines.last, interval=0.05).start()
     try:
-        beat.begin({"status": "separating", "input": "a.wav", "id": 7})
-        wait_until(lambda: len(lines.items) >= 2)
-        assert lines.items[0] == {"status": "separating", "input": "a.wav", "id": 7, "heartbeat": True}
+        beat.status({"status": "separating", "input": "a.wav", "id": 7})
+        wait_until(lambda: len(lines.items) >= 3)
+        assert lines.items[0] == {"status": "separating", "input": "a.wav", "id": 7}
+        assert lines.items[1] == {**lines.items[0], "heartbeat": True}
         beat.fraction(0.4219)
         wait_until(lambda: lines.items[-1]["status"] == "progress")
         assert lines.items[-1] == {"status": "progress", "percent": 42.2, "stage": "separating", "id": 7,
@@ -118,9 +119,9 @@ def test_heartbeat_waits_for_silence():
     lines = Lines()
     beat = hb.Heartbeat(lines.send, lambda: time.monotonic(), interval=0.05).start()  # always just written
     try:
-        beat.begin({"status": "loading_model", "model": "m"})
+        beat.status({"status": "loading_model", "model": "m"})
         time.sleep(0.3)
-        assert lines.items == []
+        assert lines.items == [{"status": "loading_model", "model": "m"}]
     finally:
         beat.stop()
 
@@ -130,17 +131,18 @@ def test_end_waits_for_a_heartbeat_being_written():
     sent: list[dict] = []
 
     def slow_send(line):
-        release.wait(5)
+        if line.get("heartbeat"):
+            release.wait(5)
         sent.append(line)
 
     beat = hb.Heartbeat(slow_send, lambda: 0.0, interval=0.01).start()
-    beat.begin({"status": "separating"})
+    beat.status({"status": "separating"})
     time.sleep(0.1)  # the heartbeat thread is now inside slow_send
     ended = threading.Event()
     threading.Thread(target=lambda: (beat.end(), ended.set()), daemon=True).start()
     assert not ended.wait(0.2)  # end() cannot return while the line is half-written
     release.set()
-    assert ended.wait(5) and len(sent) == 1
+    assert ended.wait(5) and len(sent) == 2 and sent[1]["heartbeat"]
     beat.stop()
 
 

@@ -62,13 +62,20 @@ class Heartbeat:
         threading.Thread(target=self._main, name="heartbeat", daemon=True).start()
         return self
 
-    def begin(self, status_line: dict) -> None:
-        """The command has written its status line; from now on it is kept audible."""
+    def status(self, status_line: dict) -> None:
+        """Write the running command's status line; from now on the command is kept audible."""
         with self._cond:
+            self._send(status_line)
             self._line = dict(status_line)
             self._since = self._clock()
             self._percent = None
             self._cond.notify_all()
+
+    def send(self, line: dict) -> Any:
+        """Write another line of the running command (its progress lines). Under the same lock as
+        heartbeats, so a heartbeat's percent, read just before, cannot land after a newer one."""
+        with self._cond:
+            return self._send(line)
 
     def fraction(self, value: float) -> None:
         """The engine's progress (0..1), for the next heartbeat; cheap, called once per window."""
@@ -85,7 +92,7 @@ class Heartbeat:
             self._line = None
             self._percent = None
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
         """For good (the worker is shutting down). Bounded: a heartbeat stuck on a full pipe must
         not stop the shutdown line, which then gives up on its own lock timeout."""
         self._stopped = True

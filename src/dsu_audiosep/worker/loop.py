@@ -587,11 +587,6 @@ class Worker:
             self.tracker.finish()
         return result
 
-    def _status(self, line: dict) -> None:
-        """Write a command's status line; heartbeats repeat it while the command runs."""
-        self.writer.send(line)
-        self.heartbeat.begin(line)
-
     def _progress_sink(self, reporter: "ProgressReporter | None") -> Callable[[float], None]:
         """The engine's progress callback: feeds the heartbeat, and the client's lines if asked."""
         if reporter is None:
@@ -758,8 +753,8 @@ class Worker:
 
         self._check_exists(paths)
         label = paths["model_dir"] or paths["checkpoint_path"]
-        self._status(P.reply("loading_model", cmd.id, model=label))
-        progress = ProgressReporter(self.writer.send, cmd.id, "loading_model") if cmd.progress else None
+        self.heartbeat.status(P.reply("loading_model", cmd.id, model=label))
+        progress = ProgressReporter(self.heartbeat.send, cmd.id, "loading_model") if cmd.progress else None
         if progress:
             progress.start()
 
@@ -894,8 +889,8 @@ class Worker:
             value = duration is not None and duration >= threshold
         options = self._separate_options(args, session)
 
-        self._status(P.reply("separating", cmd.id, input=args.input))
-        progress = ProgressReporter(self.writer.send, cmd.id, "separating") if cmd.progress else None
+        self.heartbeat.status(P.reply("separating", cmd.id, input=args.input))
+        progress = ProgressReporter(self.heartbeat.send, cmd.id, "separating") if cmd.progress else None
         if progress:
             progress.start()
         if self.tracker.cancelled():
