@@ -4,14 +4,15 @@
 #      its sources (scripts/build_frozen.sh --if-stale);
 #   2. runs the quick pytest suite (everything not marked slow), with the frozen-binary tests
 #      required (DSU_REQUIRE_FROZEN=1: a missing build fails instead of skipping);
-#   3. runs the worker protocol and robustness suites (tests/test_worker.py, test_robustness.py)
-#      again, against the frozen binary over real pipes (DSU_WORKER_CMD);
+#   3. runs the worker protocol, robustness and lifecycle suites (tests/test_worker.py,
+#      test_robustness.py, test_lifecycle.py) again, against the frozen binary over real pipes
+#      (DSU_WORKER_CMD);
 #   4. on x86-64 with AVX2, runs the numerics tests (marker "numerics": parity with the original,
 #      two code paths of one computation) again with AVX2-only kernels (scripts/avx2_only.env), so
 #      an AVX-512/AMX machine also checks what an AMD Zen 1-3 or older Intel user computes.
 #
-#   scripts/test.sh                 all three steps
-#   scripts/test.sh --no-frozen     step 2 only, frozen tests skipped (no build needed)
+#   scripts/test.sh                 all four steps
+#   scripts/test.sh --no-frozen     steps 2 and 4, frozen tests skipped (no build needed)
 #   scripts/test.sh -- ARGS...      extra pytest arguments for step 2 (e.g. -k ping, -x)
 #
 # Python: $PYTHON, else the repo's .venv, else python3. Ends with one summary line
@@ -70,7 +71,7 @@ run_pytest quick-suite ${extra[@]+"${extra[@]}"}
 
 if (( frozen )) && [[ -f tests/test_worker.py ]]; then
   echo "== test.sh: worker protocol suite against the frozen binary ($exe)"
-  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py tests/test_robustness.py
+  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py tests/test_robustness.py tests/test_lifecycle.py
 fi
 
 if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; then

@@ -56,7 +56,9 @@ Writing (``OutputOptions``, ``prepare_output``, ``AtomicWriter``, ``write_audio`
     side or both sides, LFE dropped), each output row normalised so that its coefficients sum to 1,
     which means the downmix itself can never clip. Downmixing before separating is cheaper (fewer
     channels to separate) and gives a comparable result; the engine chooses where to call it.
-    Atomicity: the file is written to ``.<name>.<random>.partial<ext>`` in the target folder and
+    Atomicity: the file is written to a hidden ``.<name>.<owner>_<random>.partial<ext>`` in the
+    target folder (the owner token names the writing process, see partials.py, so that files a
+    killed writer left behind are swept before the next write into that folder) and
     moved onto the target with ``os.replace`` (atomic on POSIX and Windows) after an fsync; any
     exception, KeyboardInterrupt included, deletes the temporary file and leaves a pre-existing
     target untouched. ``cleanup_partial_files()`` deletes every temporary file still being
@@ -72,7 +74,6 @@ import errno
 import logging
 import os
 import re
-import secrets
 import shutil
 import stat
 import threading
@@ -83,6 +84,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from dsu_audiosep.engine import partials
 from dsu_audiosep.errors import (
     CANCELLED,
     DISK_FULL,
@@ -890,9 +892,11 @@ class AtomicWriter:
         if self.tmp_path is not None:
             raise RuntimeError("AtomicWriter already opened")
         name = os.path.basename(self.path)
-        stem, ext = os.path.splitext(name)
+        # Before adding a partial file here, remove those that writers killed outright (SIGKILL,
+        # power loss) left behind; a live writer's, another host's or an unknown one stay.
+        partials.sweep(self.folder, keep=set(_PARTIALS))
         for _ in range(16):
-            tmp = os.path.join(self.folder, f".{stem}.{secrets.token_hex(4)}.partial{ext}")
+            tmp = os.path.join(self.folder, partials.partial_name(name))
             try:
                 # Reserve the name; 0o666 lets the umask decide the final permissions, as for any
                 # normally created file (mkstemp would leave 0o600).

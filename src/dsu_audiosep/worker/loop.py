@@ -38,6 +38,8 @@ from .. import PROTOCOL_VERSION, __version__, errors
 from ..errors import AudioSepError
 from . import protocol as P
 from .cache import CacheEntry, ModelCache, ModelKey, file_fingerprint, release_memory
+from .heartbeat import Heartbeat, interval_from_env
+from .parent import ParentWatch
 from .policy import Settings, pick, resolve_path, resolve_settings, warn_stderr
 
 LOADING_MESSAGE = "Initializing DSU-AudioSep worker..."
@@ -57,6 +59,7 @@ CAPABILITIES = list(P.KNOWN_COMMANDS) + [
     "chunk_length",
     "context_seconds",
     "trust_checkpoint",
+    "heartbeat",
 ]
 
 # The original worker's defaults, relative to the executable's folder. A default is used only
@@ -86,6 +89,7 @@ class ReplyWriter:
         self._lock = threading.Lock()
         self._closed = False
         self._on_broken = on_broken
+        self.last_write = time.monotonic()  # when the last whole line went out (for heartbeats)
 
     def send(self, obj: dict, lock_timeout: float | None = None) -> bool:
         data = P.encode_reply(obj)
@@ -101,6 +105,7 @@ class ReplyWriter:
                 while view:
                     written = os.write(self._fd, view)
                     view = view[written:]
+                self.last_write = time.monotonic()
             except InterruptedError:
                 pass
             except OSError:  # the parent closed its end: nobody is listening any more
@@ -266,10 +271,6 @@ class ProgressReporter:
         self(1.0)
 
 
-def _no_progress(_fraction: float) -> None:
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # Errors
 
@@ -400,12 +401,14 @@ class Worker:
         self._finish_lock = threading.Lock()
         self.signal_name: str | None = None  # set by the signal handler, acted on by run_worker
         self._finishing = False
+        self.heartbeat = Heartbeat(writer.send, lambda: writer.last_write, interval_from_env(warn_stderr))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start_threads(self) -> None:
         threading.Thread(target=self._reader_main, name="stdin-reader", daemon=True).start()
         threading.Thread(target=self._job_main, name="job-runner", daemon=True).start()
+        self.heartbeat.start()
 
     def finish(self, code: int, shutdown_reason: str | None = None) -> None:
         """End the worker (once): optionally say why, then let the main thread exit."""
@@ -414,6 +417,7 @@ class Worker:
                 return
             self._finishing = True
         self.tracker.cancel_event.set()  # a running job stops at its next check
+        self.heartbeat.stop()  # nothing may follow the shutdown line
         if shutdown_reason is not None:
             self.writer.send(P.reply("shutdown", reason=shutdown_reason), lock_timeout=2.0)
         self.exit_code = code
@@ -555,6 +559,7 @@ class Worker:
                 __import__(module)
             except Exception as exc:
                 warn_stderr(f"pre-import of {module} failed ({exc!r}); it will be retried when needed")
+        _sweep_partials(os.getcwd)
         return True
 
     def _run_command(self, cmd: P.Command) -> None:
@@ -580,8 +585,20 @@ class Worker:
                 warn_stderr(f"{cmd.cmd} failed:\n{extra.get('traceback', '')}")
             result = P.error_reply(code, message, cmd.id, **extra)
         finally:
+            self.heartbeat.end()  # before the terminal reply goes out: no heartbeat may follow it
             self.tracker.finish()
         return result
+
+    def _progress_sink(self, reporter: "ProgressReporter | None") -> Callable[[float], None]:
+        """The engine's progress callback: feeds the heartbeat, and the client's lines if asked."""
+        if reporter is None:
+            return self.heartbeat.fraction
+
+        def both(fraction: float) -> None:
+            self.heartbeat.fraction(fraction)
+            reporter(fraction)
+
+        return both
 
     # ---- commands --------------------------------------------------------------------------
 
@@ -738,8 +755,8 @@ class Worker:
 
         self._check_exists(paths)
         label = paths["model_dir"] or paths["checkpoint_path"]
-        self.writer.send(P.reply("loading_model", cmd.id, model=label))
-        progress = ProgressReporter(self.writer.send, cmd.id, "loading_model") if cmd.progress else None
+        self.heartbeat.status(P.reply("loading_model", cmd.id, model=label))
+        progress = ProgressReporter(self.heartbeat.send, cmd.id, "loading_model") if cmd.progress else None
         if progress:
             progress.start()
 
@@ -874,8 +891,8 @@ class Worker:
             value = duration is not None and duration >= threshold
         options = self._separate_options(args, session)
 
-        self.writer.send(P.reply("separating", cmd.id, input=args.input))
-        progress = ProgressReporter(self.writer.send, cmd.id, "separating") if cmd.progress else None
+        self.heartbeat.status(P.reply("separating", cmd.id, input=args.input))
+        progress = ProgressReporter(self.heartbeat.send, cmd.id, "separating") if cmd.progress else None
         if progress:
             progress.start()
         if self.tracker.cancelled():
@@ -891,7 +908,7 @@ class Worker:
             output_path,
             args.text,
             options,
-            progress=progress or _no_progress,
+            progress=self._progress_sink(progress),
             cancelled=self.tracker.cancelled,
         )
         elapsed = time.perf_counter() - started
@@ -927,6 +944,17 @@ def _cleanup_partial_files() -> None:
         cleanup(final=True)
     except Exception as exc:
         warn_stderr(f"cleaning up partial outputs failed: {exc!r}")
+
+
+def _sweep_partials(folder: Callable[[], str]) -> None:
+    """Remove partial outputs that killed workers left in ``folder()`` (where relative outputs go);
+    each output folder is swept again before every write into it."""
+    try:
+        from ..engine import partials
+
+        partials.sweep(folder())
+    except Exception as exc:  # housekeeping: never a reason not to serve
+        warn_stderr(f"sweeping stale partial files failed: {exc!r}")
 
 
 def _install_signal_handlers(worker: Worker) -> None:
@@ -977,12 +1005,17 @@ def run_worker(flags: dict[str, Any] | None = None) -> int:
     _install_signal_handlers(worker)
     # The first line, before anything heavy: the parent treats it as "started".
     writer.send(P.reply("loading", message=LOADING_MESSAGE))
+    parent = ParentWatch()
     worker.start_threads()
     # A timed wait keeps the main thread returning to the interpreter, where signal handlers
     # run (on Windows a bare wait would block them).
     while not worker.finished.wait(SIGNAL_POLL_S):
         if worker.signal_name is not None:
             worker.finish(0, f"signal {worker.signal_name}")
+        elif parent.gone():
+            # Nobody is waiting for the results any more: stop now (the running job is cancelled,
+            # queued ones are dropped, partial outputs deleted below) instead of computing on.
+            worker.finish(0, "parent_died")
     writer.close()
     _cleanup_partial_files()
     try:
