@@ -3,8 +3,7 @@
 Nothing heavy is imported at module level: ``--worker`` must print its first protocol line
 before torch is imported, and ``--version`` must be instant.
 
-    dsu-audiosep --worker [--max-cached-models N] [--device D] [--use-torch-stft true|false|auto]
-                          [--auto-stft-seconds S] [--mmap | --no-mmap] [--chunk-seconds S]
+    dsu-audiosep --worker [worker settings: flags from dsu_audiosep.options, see --help]
     dsu-audiosep separate INPUT OUTPUT --text "..." (--checkpoint CKPT | --model-dir DIR) [...]
     dsu-audiosep convert ...   (see dsu-audiosep convert --help)
     dsu-audiosep demo ...      (see dsu-audiosep demo --help)
@@ -29,110 +28,85 @@ def _worker_parser():
     )
     parser.add_argument("--worker", action="store_true", help="serve JSON commands on stdin/stdout")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    # Worker settings: strings here, validated by policy.parse_setting so that a bad value is a
-    # warning (the worker still starts, as the original did) rather than an argparse exit.
-    parser.add_argument("--max-cached-models", metavar="N", help="models kept in memory (LRU, default 1)")
-    parser.add_argument("--device", metavar="D", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--use-torch-stft", metavar="true|false|auto", help="default STFT implementation")
-    parser.add_argument("--auto-stft-seconds", metavar="S", help="threshold for use_torch_stft auto (60)")
-    parser.add_argument("--mmap", dest="mmap", action="store_const", const=True, default=None,
-                        help="memory-map checkpoints when loading")
-    parser.add_argument("--no-mmap", dest="mmap", action="store_const", const=False)
-    parser.add_argument("--chunk-seconds", metavar="S", help="use_chunk auto threshold (30)")
-    parser.add_argument("--precision", metavar="P", help="default precision: fp32 (exact), tf32, bf16 or fp16")
+    # Worker settings, from the options table: strings here, validated by the table so that a bad
+    # value is a warning (the worker still starts, as the original did) rather than an argparse exit.
+    from .options import BOOL, WORKER_SETTINGS
+
+    for setting in WORKER_SETTINGS:
+        help_text = f"{setting.help} (default {setting.default})"
+        if setting.kind is BOOL:
+            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const=True, default=None,
+                                help=help_text)
+            parser.add_argument("--no-" + setting.flag[2:], dest=setting.name, action="store_const", const=False)
+        else:
+            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.kind.metavar, help=help_text)
     return parser
 
 
 def _worker_flags(ns: Any) -> dict[str, Any]:
-    from .worker.policy import parse_setting, warn_stderr
+    from .options import WORKER_SETTINGS
+    from .worker.policy import warn_stderr
 
     flags: dict[str, Any] = {}
-    for key in ("max_cached_models", "device", "use_torch_stft", "auto_stft_seconds", "chunk_seconds", "mmap", "precision"):
-        raw = getattr(ns, key, None)
+    for setting in WORKER_SETTINGS:
+        raw = getattr(ns, setting.name, None)
         if raw is None:
             continue
         try:
-            flags[key] = parse_setting(key, raw)
+            flags[setting.name] = setting.from_text(raw)
         except ValueError as exc:
-            warn_stderr(f"--{key.replace('_', '-')}: {exc}; ignored")
+            warn_stderr(f"{setting.flag}: {exc}; ignored")
     return flags
 
 
-def _separate_main(argv: Sequence[str]) -> int:
+def _separate_parser():
+    """``separate`` flags, from the options table: every field of load_model and separate that has
+    a command-line spelling (input and output are the positional arguments)."""
     import argparse
-    import json
 
-    def tri(value: str) -> Any:
-        low = value.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        return low  # "auto", or left for the protocol validator to reject with a clear message
+    from .options import BOOL, LOAD, SEPARATE, SETTINGS
 
     parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate one file (one-shot).")
-    parser.add_argument("input")
-    parser.add_argument("output")
-    parser.add_argument("--text", default="speech", help="what to extract (default: speech)")
-    parser.add_argument("--checkpoint", help="AudioSep checkpoint (.ckpt)")
-    parser.add_argument("--model-dir", help="converted model folder (instead of --checkpoint)")
-    parser.add_argument("--config", help="AudioSep YAML config (default config/audiosep_base.yaml)")
-    parser.add_argument("--clap-checkpoint", help="CLAP checkpoint (.pt), optional")
-    parser.add_argument("--roberta-dir", help="roberta-base folder (tokenizer files), optional")
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--precision", help="fp32 (default, exact), tf32 (CUDA matrix units), bf16 or fp16")
-    parser.add_argument("--mmap", action="store_true", default=None)
-    parser.add_argument("--use-torch-stft", type=tri)
-    parser.add_argument("--auto-stft-seconds", type=float)
-    parser.add_argument("--use-chunk", type=tri)
-    parser.add_argument("--chunk-seconds", type=float)
-    parser.add_argument("--chunk-length", type=float)
-    parser.add_argument("--context-seconds", type=float, help="context on each side of a chunk (default 0.64; 3.52 is exact)")
-    parser.add_argument("--output-sr", help="Hz or 'input' (default 44100)")
-    parser.add_argument("--output-subtype", help="PCM_16 (default), PCM_24 or FLOAT")
-    parser.add_argument("--output-channels", help="stereo (default) or input")
-    parser.add_argument("--mode", help="extract (default) or remove")
-    parser.add_argument("--residual-output", help="also write the rest of the mixture here")
-    ns = parser.parse_args(list(argv))
+    for setting in SETTINGS:
+        if setting.required and SEPARATE in setting.commands:
+            parser.add_argument(setting.name, metavar=setting.name.upper(), help=setting.help)
+    for setting in SETTINGS:
+        if not {LOAD, SEPARATE} & set(setting.commands) or not setting.cli_flag:
+            continue
+        default = "" if setting.default is None else f" (default {setting.default})"
+        if setting.kind is BOOL:
+            parser.add_argument(setting.cli_flag, dest=setting.name, action="store_const", const=True,
+                                default=None, help=setting.help + default)
+        else:
+            parser.add_argument(setting.cli_flag, dest=setting.name, metavar=setting.kind.metavar,
+                                help=setting.help + default)
+    return parser
 
-    output_sr: Any = ns.output_sr
-    if output_sr is not None and output_sr.strip().lower() != "input":
+
+def _separate_commands(ns: Any) -> tuple[dict, dict]:
+    """The load_model and separate commands the flags describe (values checked by the table;
+    ValueError names the flag)."""
+    from .options import LOAD, SEPARATE, SETTINGS
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(ns, setting.name, None)
+        if raw is None:
+            continue
         try:
-            output_sr = int(output_sr)
-        except ValueError:
-            pass  # the validator names the field
+            values[setting.name] = setting.from_text(raw)
+        except ValueError as exc:
+            raise ValueError(f"{setting.cli_flag or setting.name}: {exc}") from None
+    load = {"cmd": LOAD, **{s.name: values.get(s.name) for s in SETTINGS if LOAD in s.commands}}
+    job = {"cmd": SEPARATE, **{s.name: values.get(s.name) for s in SETTINGS if SEPARATE in s.commands}}
+    return load, job
 
-    load = {
-        "cmd": "load_model",
-        "checkpoint_path": ns.checkpoint,
-        "model_dir": ns.model_dir,
-        "config_path": ns.config,
-        "clap_checkpoint_path": ns.clap_checkpoint,
-        "roberta_dir": ns.roberta_dir,
-        "device": ns.device,
-        "precision": ns.precision,
-        "mmap": ns.mmap,
-        "use_torch_stft": ns.use_torch_stft,
-        "auto_stft_seconds": ns.auto_stft_seconds,
-        "chunk_seconds": ns.chunk_seconds,
-        "chunk_length": ns.chunk_length,
-    }
-    job = {
-        "cmd": "separate",
-        "input": ns.input,
-        "output": ns.output,
-        "text": ns.text,
-        "use_chunk": ns.use_chunk,
-        "chunk_seconds": ns.chunk_seconds,
-        "chunk_length": ns.chunk_length,
-        "context_seconds": ns.context_seconds,
-        "output_sr": output_sr,
-        "output_subtype": ns.output_subtype,
-        "output_channels": ns.output_channels,
-        "mode": ns.mode,
-        "residual_output": ns.residual_output,
-    }
 
+def _separate_main(argv: Sequence[str]) -> int:
+    import json
+
+    ns = _separate_parser().parse_args(list(argv))
+    from . import errors
     from .worker import protocol as P
     from .worker.loop import ReplyWriter, Worker, resolve_device
     from .worker.policy import resolve_settings
@@ -142,6 +116,7 @@ def _separate_main(argv: Sequence[str]) -> int:
     worker = Worker(ReplyWriter(2), settings)
     result: dict = {}
     try:
+        load, job = _separate_commands(ns)
         worker.device = resolve_device(settings.device)
         for raw in (load, job):
             cmd = P.parse_object({k: v for k, v in raw.items() if v is not None})
@@ -150,6 +125,8 @@ def _separate_main(argv: Sequence[str]) -> int:
                 break
     except P.RequestError as exc:
         result = P.error_reply(exc.code, exc.message)
+    except ValueError as exc:  # a flag's value
+        result = P.error_reply(errors.INVALID_FIELD, str(exc))
     except Exception as exc:
         from .worker.loop import describe_exception
 

@@ -9,51 +9,24 @@ shared by the DSU app's workers. Keys are read from the ``global`` section, then
 section on top of it. It is read once, at start-up. A missing file is normal; an unreadable or
 malformed one, or a bad value, is reported on stderr and ignored (the worker must start anyway).
 
-Environment variables (same meaning as the policy keys):
-    AUDIOSEP_MAX_CACHED_MODELS   integer >= 0
-    AUDIOSEP_USE_TORCH_STFT      true | false | auto   (also 1/0, yes/no, on/off)
-    AUDIOSEP_AUTO_STFT_SECONDS   positive number
-    AUDIOSEP_MMAP                true | false
-    AUDIOSEP_CHUNK_SECONDS       positive number
-    AUDIOSEP_DEVICE              auto | cpu | cuda | cuda:N | mps
-    AUDIOSEP_PRECISION           fp32 | tf32 | bf16 | fp16   (the default for load_model)
+Which settings exist, their environment variables, policy keys and values: ``dsu_audiosep.options``
+(the one table; the README's settings table is printed from it).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .protocol import PRECISIONS
+from .. import options
 
 POLICY_ENV = "DSU_RUNTIME_POLICY_PATH"
 DEFAULT_POLICY_PATH = Path("~/.dsu/runtime_policy.json")
 POLICY_SECTIONS = ("global", "audiosep")  # later sections win
 
-ENV_NAMES = {
-    "max_cached_models": "AUDIOSEP_MAX_CACHED_MODELS",
-    "use_torch_stft": "AUDIOSEP_USE_TORCH_STFT",
-    "auto_stft_seconds": "AUDIOSEP_AUTO_STFT_SECONDS",
-    "mmap": "AUDIOSEP_MMAP",
-    "chunk_seconds": "AUDIOSEP_CHUNK_SECONDS",
-    "device": "AUDIOSEP_DEVICE",
-    "precision": "AUDIOSEP_PRECISION",
-}
-POLICY_KEYS = ("max_cached_models", "use_torch_stft", "auto_stft_seconds", "mmap", "chunk_seconds", "precision")
-
-DEFAULTS: dict[str, Any] = {
-    "max_cached_models": 1,
-    "use_torch_stft": False,
-    "auto_stft_seconds": 60.0,
-    "mmap": False,
-    "chunk_seconds": 30.0,
-    "device": "auto",
-    "precision": "fp32",
-}
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in options.WORKER_SETTINGS}
 
 Warn = Callable[[str], None]
 
@@ -66,76 +39,14 @@ def warn_stderr(message: str) -> None:
         pass
 
 
-@dataclass(frozen=True)
-class Settings:
-    max_cached_models: int = 1
-    use_torch_stft: bool | str = False  # True, False or "auto"
-    auto_stft_seconds: float = 60.0
-    mmap: bool = False
-    chunk_seconds: float = 30.0
-    device: str = "auto"
-    precision: str = "fp32"
-    # Which layer supplied each value ("flag", "env", "policy", "default"): shown in get_status.
-    sources: dict[str, str] = field(default_factory=dict, compare=False)
-    policy_path: str | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Value parsing shared by flags, environment and policy file. Raises ValueError with a message
-# that says what was expected.
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+# The worker-level settings, plus ``sources``: which layer supplied each value ("flag", "env",
+# "policy", "default"), shown in get_status; and the policy file's path.
+Settings = options.worker_settings_record()
 
 
 def parse_setting(name: str, value: Any) -> Any:
-    if name == "max_cached_models":
-        if isinstance(value, str):
-            value = value.strip()
-            if not value.lstrip("+").isdigit():
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
-            value = int(value)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
-        return value
-    if name in ("use_torch_stft", "mmap"):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            if text == "auto" and name == "use_torch_stft":
-                return "auto"
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        expected = "true, false or \"auto\"" if name == "use_torch_stft" else "true or false"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    if name in ("auto_stft_seconds", "chunk_seconds"):
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        number = float(value)
-        if not math.isfinite(number) or number <= 0:
-            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        return number
-    if name == "precision":
-        if isinstance(value, str) and value.strip().lower() in PRECISIONS:
-            return value.strip().lower()
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
-    if name == "device":
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"device must be a name such as auto, cpu, cuda or mps, got {value!r}")
-        return value.strip()
-    raise KeyError(name)
+    """A flag's, environment variable's or policy file's value; ValueError says what was expected."""
+    return options.BY_NAME[name].from_text(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,11 +86,12 @@ def read_policy(path: Path, warn: Warn = warn_stderr) -> dict[str, Any]:
         if not isinstance(block, dict):
             warn(f"runtime policy {path}: section \"{section}\" is not an object; ignored")
             continue
-        for key in POLICY_KEYS:
+        for setting in options.POLICY_SETTINGS:
+            key = setting.name
             if key not in block or block[key] is None:
                 continue
             try:
-                merged[key] = parse_setting(key, block[key])
+                merged[key] = setting.from_text(block[key])
             except ValueError as exc:
                 warn(f"runtime policy {path}: {section}.{exc}; ignored")
     return merged
@@ -188,12 +100,13 @@ def read_policy(path: Path, warn: Warn = warn_stderr) -> dict[str, Any]:
 def read_env(env: Mapping[str, str] | None = None, warn: Warn = warn_stderr) -> dict[str, Any]:
     env = os.environ if env is None else env
     out: dict[str, Any] = {}
-    for key, var in ENV_NAMES.items():
+    for setting in options.WORKER_SETTINGS:
+        var = setting.env
         raw = env.get(var)
         if raw is None or raw.strip() == "":
             continue
         try:
-            out[key] = parse_setting(key, raw)
+            out[setting.name] = setting.from_text(raw)
         except ValueError as exc:
             warn(f"environment {var}: {exc}; ignored")
     return out

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
-from .. import errors
+from .. import errors, options
 from ..errors import AudioSepError
 
 # A 10 MB line must work; anything beyond this is refused as a whole (and its bytes dropped)
@@ -46,10 +46,6 @@ NON_TERMINAL_STATUSES = frozenset(
     {"loading", "ready", "loading_model", "separating", "progress", "shutdown"}
 )
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
-OUTPUT_CHANNELS = ("stereo", "input")
-MODES = ("extract", "remove")
 
 
 class _NoId:
@@ -82,44 +78,13 @@ class RequestError(AudioSepError):
 
 
 # --------------------------------------------------------------------------------------------
-# Typed arguments. ``None`` means "not given": the worker then falls back to command-line flag,
-# environment, policy file and default, in that order.
+# Typed arguments, one record per command, with the fields the options table gives it. ``None``
+# means "not given": the worker then falls back to command-line flag, environment, policy file
+# and default, in that order.
 
-
-@dataclass(frozen=True)
-class LoadModelArgs:
-    config_path: str | None = None
-    checkpoint_path: str | None = None
-    clap_checkpoint_path: str | None = None
-    roberta_dir: str | None = None
-    model_dir: str | None = None
-    device: str | None = None
-    mmap: bool | None = None
-    use_torch_stft: bool | str | None = None  # True, False or "auto"
-    auto_stft_seconds: float | None = None
-    chunk_seconds: float | None = None
-    chunk_length: float | None = None
-    precision: str | None = None
-    # Unpickle without weights_only (runs code from the file): only for files the user trusts.
-    trust_checkpoint: bool | None = None
-
-
-@dataclass(frozen=True)
-class SeparateArgs:
-    input: str
-    output: str
-    text: str = "speech"
-    use_chunk: bool | str | None = None  # True, False or "auto"
-    chunk_seconds: float | None = None
-    chunk_length: float | None = None
-    context_seconds: float | None = None  # context fed on each side of a chunk (the overlap)
-    use_torch_stft: bool | str | None = None
-    auto_stft_seconds: float | None = None
-    output_sr: int | str | None = None  # Hz or "input"
-    output_subtype: str | None = None
-    output_channels: str | None = None
-    mode: str | None = None
-    residual_output: str | None = None
+LoadModelArgs = options.args_record(options.LOAD, "LoadModelArgs")
+SeparateArgs = options.args_record(options.SEPARATE, "SeparateArgs")
+_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs}
 
 
 @dataclass(frozen=True)
@@ -276,7 +241,7 @@ def parse_object(obj: Any) -> Command:
     if not isinstance(obj, dict):
         raise RequestError(
             errors.INVALID_COMMAND,
-            f"expected a JSON object like {{\"cmd\": \"ping\"}}, got {_json_type(obj)}",
+            f"expected a JSON object like {{\"cmd\": \"ping\"}}, got {options.json_type(obj)}",
         )
     request_id = obj["id"] if "id" in obj else NO_ID
     if request_id is not NO_ID and not _is_echoable(request_id):
@@ -290,7 +255,7 @@ def parse_object(obj: Any) -> Command:
     if not isinstance(cmd, str):
         raise RequestError(
             errors.INVALID_COMMAND,
-            f"\"cmd\" must be a string, got {_json_type(cmd)}",
+            f"\"cmd\" must be a string, got {options.json_type(cmd)}",
             request_id,
         )
     if cmd not in KNOWN_COMMANDS:
@@ -303,19 +268,11 @@ def parse_object(obj: Any) -> Command:
             cmd,
         )
     try:
-        progress = _opt_bool(obj, "progress") or False
-        if cmd == "load_model":
-            args: Args = _parse_load_model(obj)
-        elif cmd == "separate":
-            args = _parse_separate(obj)
+        progress = _progress_flag(obj)
+        if cmd in _ARGS_RECORDS:
+            args: Args = _parse_fields(cmd, obj)
         elif cmd == "cancel":
-            if "target" not in obj:
-                raise AudioSepError(
-                    errors.MISSING_FIELD, "cancel needs \"target\": the id of the command to cancel"
-                )
-            if not _is_echoable(obj["target"]):
-                raise AudioSepError(errors.INVALID_FIELD, "\"target\" must be a JSON id value")
-            args = CancelArgs(target=obj["target"])
+            args = _parse_cancel(obj)
         else:
             args = NoArgs()
     except AudioSepError as exc:
@@ -323,174 +280,41 @@ def parse_object(obj: Any) -> Command:
     return Command(cmd=cmd, args=args, id=request_id, progress=progress)
 
 
-def _parse_load_model(obj: dict) -> LoadModelArgs:
-    args = LoadModelArgs(
-        config_path=_opt_path(obj, "config_path"),
-        checkpoint_path=_opt_path(obj, "checkpoint_path"),
-        clap_checkpoint_path=_opt_path(obj, "clap_checkpoint_path"),
-        roberta_dir=_opt_path(obj, "roberta_dir"),
-        model_dir=_opt_path(obj, "model_dir"),
-        device=_opt_device(obj, "device"),
-        mmap=_opt_bool(obj, "mmap"),
-        use_torch_stft=_opt_bool_or_auto(obj, "use_torch_stft"),
-        auto_stft_seconds=_opt_positive_number(obj, "auto_stft_seconds"),
-        chunk_seconds=_opt_positive_number(obj, "chunk_seconds"),
-        chunk_length=_opt_positive_number(obj, "chunk_length"),
-        precision=_opt_choice(obj, "precision", PRECISIONS, fold=str.lower),
-        trust_checkpoint=_opt_bool(obj, "trust_checkpoint"),
-    )
-    # The check for "checkpoint_path or model_dir" happens in the worker: like the original
-    # worker, it falls back to checkpoint/audiosep_base_4M_steps.ckpt beside the executable
-    # when that file exists, and reports MISSING_FIELD otherwise.
-    return args
+# What a command needs, said when its required fields are missing.
+_REQUIRED_WHY = {options.SEPARATE: "separate needs the input audio path and the output path"}
 
 
-def _parse_separate(obj: dict) -> SeparateArgs:
-    missing = [name for name in ("input", "output") if obj.get(name) is None]
+def _parse_fields(cmd: str, obj: dict) -> Args:
+    """A command's fields, each validated by its setting in the options table. (load_model's
+    "checkpoint_path or model_dir" is checked by the worker: like the original worker it falls
+    back to checkpoint/audiosep_base_4M_steps.ckpt beside the executable when that file exists.)"""
+    settings = options.for_command(cmd)
+    missing = [s.name for s in settings if s.required and obj.get(s.name) is None]
     if missing:
         raise AudioSepError(
             errors.MISSING_FIELD,
-            "missing " + " and ".join(f"\"{m}\"" for m in missing)
-            + " (separate needs the input audio path and the output path)",
+            "missing " + " and ".join(f"\"{m}\"" for m in missing) + f" ({_REQUIRED_WHY.get(cmd, cmd)})",
         )
-    text = obj.get("text")
-    if text is None:
-        text = "speech"  # the original worker's default query
-    elif not isinstance(text, str):
-        raise AudioSepError(errors.INVALID_FIELD, f"\"text\" must be a string, got {_json_type(text)}")
-    return SeparateArgs(
-        input=_opt_path(obj, "input"),  # type: ignore[arg-type]  # presence checked above
-        output=_opt_path(obj, "output"),  # type: ignore[arg-type]
-        text=text,
-        use_chunk=_opt_bool_or_auto(obj, "use_chunk"),
-        chunk_seconds=_opt_positive_number(obj, "chunk_seconds"),
-        chunk_length=_opt_positive_number(obj, "chunk_length"),
-        context_seconds=_opt_positive_number(obj, "context_seconds", allow_zero=True),
-        use_torch_stft=_opt_bool_or_auto(obj, "use_torch_stft"),
-        auto_stft_seconds=_opt_positive_number(obj, "auto_stft_seconds"),
-        output_sr=_opt_output_sr(obj, "output_sr"),
-        output_subtype=_opt_choice(obj, "output_subtype", OUTPUT_SUBTYPES, fold=str.upper),
-        output_channels=_opt_choice(obj, "output_channels", OUTPUT_CHANNELS, fold=str.lower),
-        mode=_opt_choice(obj, "mode", MODES, fold=str.lower),
-        residual_output=_opt_path(obj, "residual_output"),
-    )
+    values = {s.name: s.from_json(obj.get(s.name)) for s in settings}
+    # JSON null means "not given": the record's default (the seed's query for text) stays.
+    return _ARGS_RECORDS[cmd](**{k: v for k, v in values.items() if v is not None})
 
 
-# --------------------------------------------------------------------------------------------
-# Field validators. JSON null counts as "not given" for every optional field: clients often
-# send {"clap_checkpoint_path": null} to mean "use the default".
-
-
-def _json_type(value: Any) -> str:
+def _progress_flag(obj: dict) -> bool:
+    value = obj.get("progress")
     if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, (int, float)):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:40] + "..."
-        return f"string {shown!r}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _bad(name: str, expected: str, value: Any) -> AudioSepError:
-    return AudioSepError(errors.INVALID_FIELD, f"\"{name}\" must be {expected}, got {_json_type(value)}")
-
-
-def _opt_path(obj: dict, name: str) -> str | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _bad(name, "a path string", value)
-    if not value.strip():
-        raise AudioSepError(errors.INVALID_FIELD, f"\"{name}\" is an empty path")
-    if "\x00" in value:
-        raise AudioSepError(errors.INVALID_FIELD, f"\"{name}\" contains a NUL character")
-    try:
-        # Lone surrogates (legal in JSON escapes) cannot name a file on any platform.
-        value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raise AudioSepError(
-            errors.INVALID_FIELD, f"\"{name}\" contains characters that cannot be part of a path"
-        ) from None
-    return value
-
-
-def _opt_device(obj: dict, name: str) -> str | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise _bad(name, "a device name such as \"cpu\", \"cuda\", \"cuda:1\", \"mps\" or \"auto\"", value)
-    return value.strip()
-
-
-def _opt_bool(obj: dict, name: str) -> bool | None:
-    value = obj.get(name)
-    if value is None:
-        return None
+        return False
     if not isinstance(value, bool):
-        raise _bad(name, "true or false", value)
+        raise AudioSepError(errors.INVALID_FIELD, f"\"progress\" must be true or false, got {options.json_type(value)}")
     return value
 
 
-def _opt_bool_or_auto(obj: dict, name: str) -> bool | str | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    raise _bad(name, "true, false or \"auto\"", value)
-
-
-def _opt_positive_number(obj: dict, name: str, allow_zero: bool = False) -> float | None:
-    what = "a non-negative" if allow_zero else "a positive"
-    value = obj.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(name, f"{what} number of seconds", value)
-    try:
-        number = float(value)
-    except OverflowError:  # an integer literal too large for a float
-        raise _bad(name, f"{what} finite number of seconds", value) from None
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        raise _bad(name, f"{what} finite number of seconds", value)
-    return number
-
-
-def _opt_output_sr(obj: dict, name: str) -> int | str | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() == "input":
-        return "input"
-    if isinstance(value, bool):
-        raise _bad(name, "a sample rate in Hz (e.g. 44100) or \"input\"", value)
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or value <= 0 or value > 1_000_000:
-        raise _bad(name, "a sample rate in Hz between 1 and 1000000 (e.g. 44100) or \"input\"", value)
-    return value
-
-
-def _opt_choice(obj: dict, name: str, choices: tuple[str, ...], fold=None) -> str | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        folded = fold(value.strip()) if fold else value
-        if folded in choices:
-            return folded
-    raise _bad(name, "one of " + ", ".join(f"\"{c}\"" for c in choices), value)
+def _parse_cancel(obj: dict) -> CancelArgs:
+    if "target" not in obj:
+        raise AudioSepError(errors.MISSING_FIELD, "cancel needs \"target\": the id of the command to cancel")
+    if not _is_echoable(obj["target"]):
+        raise AudioSepError(errors.INVALID_FIELD, "\"target\" must be a JSON id value")
+    return CancelArgs(target=obj["target"])
 
 
 # --------------------------------------------------------------------------------------------

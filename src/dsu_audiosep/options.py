@@ -1,0 +1,320 @@
+"""Every setting, defined once: its type, default, choices or range, where it can be given and what
+it means.
+
+A setting can be a field of a command (``load_model``, ``separate``), a worker-level default (a
+command-line flag ``--name``, an environment variable ``AUDIOSEP_NAME`` and a key of the runtime
+policy file), or both. Everything that reads settings is derived from ``SETTINGS``: the protocol's
+argument records and their validation, the policy file and environment, the worker's flags, the
+``ready`` capabilities, the CLI's ``separate`` flags and the README's settings table
+(``python -m dsu_audiosep.options`` prints it; a test keeps the README equal to it).
+
+Two ways in, one meaning:
+- ``from_json``: a JSON value from a command (strict types: ``true``, not ``"yes"``); a bad value
+  is an ``AudioSepError(INVALID_FIELD)`` naming the field;
+- ``from_text``: a string from a flag or the environment, or a value of the policy file (lenient:
+  ``1``/``yes``/``on`` for true); a bad value is a ``ValueError`` the caller turns into a warning.
+Either way the result is the one canonical value (``"auto"``, ``"PCM_24"``, a float of seconds).
+This module is a leaf: it imports nothing of the package but ``errors``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Callable
+
+from .errors import INVALID_FIELD, AudioSepError
+
+NOT_GIVEN = None  # JSON null and an absent field both mean "not given": the next layer decides
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def json_type(value: Any) -> str:
+    """How a JSON value is named in error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return f"string {shown!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Kinds of value. Each kind checks a value and returns the canonical one, or None when the value
+# does not fit; the Setting turns None into the error of its way in.
+
+
+@dataclass(frozen=True)
+class Kind:
+    expected: str  # completes "must be ...": the message for a wrong value
+    check: Callable[[Any, bool], Any]  # (value, lenient) -> canonical value, or None if invalid
+    metavar: str = ""
+
+
+def _bool(value: Any, lenient: bool) -> Any:
+    if isinstance(value, bool):
+        return value
+    if lenient and isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+    if lenient and isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return None
+
+
+def _bool_or_auto(value: Any, lenient: bool) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _bool(value, lenient)
+
+
+def _number(value: Any, lenient: bool) -> float | None:
+    if lenient and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal too large for a float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _seconds(value: Any, lenient: bool) -> Any:
+    number = _number(value, lenient)
+    return number if number is not None and number > 0 else None
+
+
+def _seconds_or_zero(value: Any, lenient: bool) -> Any:
+    number = _number(value, lenient)
+    return number if number is not None and number >= 0 else None
+
+
+def _count(value: Any, lenient: bool) -> Any:
+    if lenient and isinstance(value, str):
+        text = value.strip()
+        value = int(text) if text.lstrip("+").isdigit() else None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _name(value: Any, lenient: bool) -> Any:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _path(value: Any, lenient: bool) -> Any:
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        return None
+    try:
+        # Lone surrogates (legal in JSON escapes) cannot name a file on any platform.
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _text(value: Any, lenient: bool) -> Any:
+    return value if isinstance(value, str) else None
+
+
+def _choice(choices: dict[str, str], fold: Callable[[str], str]) -> Callable[[Any, bool], Any]:
+    def check(value: Any, lenient: bool) -> Any:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return choices.get(fold(str(value).strip()))
+        return None
+
+    return check
+
+
+def _sample_rate(low: int, high: int) -> Callable[[Any, bool], Any]:
+    def check(value: Any, lenient: bool) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "input":
+            return "input"
+        if lenient and isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return None
+        return value
+
+    return check
+
+
+def choice(*names: str, aliases: dict[str, str] | None = None, fold: Callable[[str], str] = str.lower) -> Kind:
+    table = {fold(n): n for n in names}
+    table.update({fold(a): n for a, n in (aliases or {}).items()})
+    return Kind("one of " + ", ".join(f'"{n}"' for n in names), _choice(table, fold), "|".join(names))
+
+
+BOOL = Kind("true or false", _bool, "true|false")
+BOOL_OR_AUTO = Kind('true, false or "auto"', _bool_or_auto, "true|false|auto")
+SECONDS = Kind("a positive finite number of seconds", _seconds, "S")
+SECONDS_OR_ZERO = Kind("a non-negative finite number of seconds", _seconds_or_zero, "S")
+COUNT = Kind("a whole number >= 0", _count, "N")
+PATH = Kind("a path string (not empty, no NUL, no lone surrogates)", _path, "PATH")
+TEXT = Kind("a string", _text, "TEXT")
+DEVICE = Kind('a device name such as "cpu", "cuda", "cuda:1", "mps" or "auto"', _name, "D")
+OUTPUT_SR_RANGE = (1000, 768000)
+SAMPLE_RATE = Kind(f"a sample rate in Hz from {OUTPUT_SR_RANGE[0]} to {OUTPUT_SR_RANGE[1]} (e.g. 44100) or \"input\"",
+                   _sample_rate(*OUTPUT_SR_RANGE), "HZ|input")
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. ``commands``: the commands that take it as a field; ``worker``: it also has a
+    worker-level default (flag, environment, policy file); ``cli``: the ``separate`` subcommand's
+    flag when it differs from ``--name`` ("" for none)."""
+
+    name: str
+    kind: Kind
+    default: Any
+    help: str
+    commands: tuple[str, ...] = ()
+    worker: bool = False
+    policy: bool = True  # with ``worker``: also a key of the runtime policy file
+    per_device: str = ""
+    required: bool = False
+    cli: str | None = None
+    seed: bool = False  # a field of the seed worker's contract (SPEC 5); the others are extensions
+
+    @property
+    def env(self) -> str | None:
+        return f"AUDIOSEP_{self.name.upper()}" if self.worker else None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag if self.cli is None else self.cli
+
+    def from_json(self, value: Any) -> Any:
+        """A command's field -> canonical value; None when not given."""
+        if value is None:
+            return None
+        checked = self.kind.check(value, False)
+        if checked is None:
+            raise AudioSepError(INVALID_FIELD, f'"{self.name}" must be {self.kind.expected}, got {json_type(value)}')
+        return checked
+
+    def from_text(self, value: Any) -> Any:
+        """A flag's, an environment variable's or a policy file's value -> canonical value."""
+        checked = self.kind.check(value, True)
+        if checked is None:
+            raise ValueError(f"{self.name} must be {self.kind.expected}, got {value!r}")
+        return checked
+
+
+LOAD, SEPARATE = "load_model", "separate"
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
+SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24": "PCM_24", "24": "PCM_24",
+                   "INT24": "PCM_24", "FLOAT32": "FLOAT", "F32": "FLOAT", "32F": "FLOAT"}
+
+SETTINGS: tuple[Setting, ...] = (
+    # worker-level only
+    Setting("max_cached_models", COUNT, 1, "models kept in memory (least recently used goes first)", worker=True),
+    # load_model
+    Setting("config_path", PATH, None, "AudioSep YAML config (default config/audiosep_base.yaml)", (LOAD,),
+            cli="--config", seed=True),
+    Setting("checkpoint_path", PATH, None, "AudioSep checkpoint (.ckpt)", (LOAD,), cli="--checkpoint", seed=True),
+    Setting("clap_checkpoint_path", PATH, None, "CLAP checkpoint (.pt), optional", (LOAD,), cli="--clap-checkpoint", seed=True),
+    Setting("roberta_dir", PATH, None, "roberta-base folder (tokenizer files), optional", (LOAD,), seed=True),
+    Setting("model_dir", PATH, None, "converted model folder (instead of a checkpoint)", (LOAD,)),
+    Setting("device", DEVICE, "auto", "auto, cpu, cuda, cuda:N or mps", (LOAD,), worker=True, policy=False, seed=True),
+    Setting("mmap", BOOL, False, "memory-map checkpoints when loading", (LOAD,), worker=True,
+            per_device="on, except on Windows (a mapped file could not be replaced while loaded)", seed=True),
+    Setting("use_torch_stft", BOOL_OR_AUTO, False, "torch.stft instead of the conv STFT (auto: for long files)",
+            (LOAD, SEPARATE), worker=True, per_device="true on CUDA (cuFFT, faster there), false elsewhere", seed=True),
+    Setting("auto_stft_seconds", SECONDS, 60.0, "duration from which use_torch_stft auto picks torch.stft",
+            (LOAD, SEPARATE), worker=True, seed=True),
+    Setting("chunk_seconds", SECONDS, 30.0, "duration from which use_chunk auto chunks", (LOAD, SEPARATE), worker=True, seed=True),
+    Setting("chunk_length", SECONDS, None, "kept centre of each chunk, seconds", (LOAD, SEPARATE),
+            per_device="30.72 s on CUDA (less when GPU memory is short), 9.6 s elsewhere"),
+    Setting("precision", choice(*PRECISIONS), "fp32", "fp32 (exact), tf32 (CUDA matrix units), bf16 or fp16",
+            (LOAD,), worker=True),
+    Setting("trust_checkpoint", BOOL, False, "unpickle without weights_only (runs code from the file)", (LOAD,),
+            cli=""),
+    # separate
+    Setting("input", PATH, None, "the mixture to separate", (SEPARATE,), required=True, cli="", seed=True),
+    Setting("output", PATH, None, "where the separated sound is written", (SEPARATE,), required=True, cli="", seed=True),
+    Setting("text", TEXT, "speech", "what to extract, in words", (SEPARATE,), seed=True),
+    Setting("use_chunk", BOOL_OR_AUTO, False, "stream the file in chunks (auto: from chunk_seconds on)", (SEPARATE,), seed=True),
+    Setting("context_seconds", SECONDS_OR_ZERO, 0.64, "context on each side of a chunk (3.52 is exact)", (SEPARATE,)),
+    Setting("output_sr", SAMPLE_RATE, 44100, "output rate in Hz, or input", (SEPARATE,)),
+    Setting("output_subtype", choice(*OUTPUT_SUBTYPES, aliases=SUBTYPE_ALIASES, fold=str.upper), "PCM_16",
+            "sample format of the output", (SEPARATE,)),
+    Setting("output_channels", choice("stereo", "input"), "stereo", "stereo, or the input's channels", (SEPARATE,)),
+    Setting("mode", choice("extract", "remove"), "extract", "extract the sound, or remove it from the mix", (SEPARATE,)),
+    Setting("residual_output", PATH, None, "also write the rest of the mixture here", (SEPARATE,)),
+)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+WORKER_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.worker)
+POLICY_SETTINGS: tuple[Setting, ...] = tuple(s for s in WORKER_SETTINGS if s.policy)
+
+
+def for_command(cmd: str) -> tuple[Setting, ...]:
+    return tuple(s for s in SETTINGS if cmd in s.commands)
+
+
+def args_record(cmd: str, class_name: str) -> type:
+    """A frozen record of a command's fields: required ones first, then optional ones whose
+    ``None`` means "not given" (the worker falls back to flag, environment, policy, default).
+    ``text`` is the exception: its default is the seed's query."""
+    fields: list[tuple] = [(s.name, Any) for s in for_command(cmd) if s.required]
+    fields += [(s.name, Any, field(default=s.default if s.kind is TEXT else None))
+               for s in for_command(cmd) if not s.required]
+    return make_dataclass(class_name, fields, frozen=True)
+
+
+def worker_settings_record() -> type:
+    """The worker-level settings, with where each value came from."""
+    fields: list[tuple] = [(s.name, Any, field(default=s.default)) for s in WORKER_SETTINGS]
+    fields += [("sources", dict, field(default_factory=dict, compare=False)), ("policy_path", Any, field(default=None))]
+    return make_dataclass("Settings", fields, frozen=True)
+
+
+def extension_field_names() -> list[str]:
+    """The command fields beyond the seed's contract, in table order: ``ready`` lists them among
+    its capabilities, so a client can see what this worker understands."""
+    return [s.name for s in SETTINGS if s.commands and not s.seed]
+
+
+def markdown_table() -> str:
+    """The README's settings table."""
+    rows = ["| setting | values | default | per-device default | commands | flag / env / policy | meaning |",
+            "|---|---|---|---|---|---|---|"]
+    for s in SETTINGS:
+        where = [s.flag, f"`{s.env}`"] + (["policy"] if s.policy else []) if s.worker else []
+        default = "" if s.default is None else f"`{str(s.default).lower() if isinstance(s.default, bool) else s.default}`"
+        rows.append(
+            f"| `{s.name}` | {s.kind.expected} | {default} | {s.per_device} | {', '.join(s.commands)} "
+            f"| {' '.join(w if w.startswith('`') or w == 'policy' else f'`{w}`' for w in where)} | {s.help} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
