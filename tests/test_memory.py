@@ -31,7 +31,7 @@ def converted(model_files, tmp_path_factory):
 
 
 def test_text_pages_go_back_and_come_back_unchanged(converted):
-    from dsu_audiosep.model.convert import load_converted
+    from dsu_audiosep.model.converted import load_converted
 
     m = load_converted(converted, device="cpu")
     first = m.embed_text("a dog barking").clone()
@@ -56,7 +56,7 @@ def test_tuned_allocator_lowers_the_peak_of_a_separation(converted):
             tune_allocator()
         import torch
         torch.set_num_threads(2)
-        from dsu_audiosep.model.convert import load_converted
+        from dsu_audiosep.model.converted import load_converted
         m = load_converted({str(converted)!r}, device="cpu")
         c = m.embed_text("vocals")
         m.release_text_pages()

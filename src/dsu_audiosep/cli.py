@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return int(convert_main(rest) or 0)
         elif command == "demo":
-            from .demo import demo_main
+            from .demo.command import demo_main
 
             return int(demo_main(rest) or 0)
 
