@@ -2,7 +2,7 @@
 
 - No import cycle between modules, counting imports inside functions too (a lazy import is still
   a dependency; it only hides the cycle until run time).
-- One direction: worker -> engine -> model -> base (errors, devices, memory). The audio I/O
+- One direction: worker -> engine -> model -> base (errors, devices, process_memory). The audio I/O
   modules of the engine sit on the base alone, so the model and the audio files never meet.
 - Modules and functions of a readable size.
 """
@@ -19,7 +19,7 @@ ROOT = "dsu_audiosep"
 # Lower ranks never import higher ones. The package root holds only version constants and a
 # lazy re-export of the seed API (``from dsu_audiosep import build_audiosep``), so anyone may
 # import it and its own lazy import is not counted.
-BASE = {f"{ROOT}.errors", f"{ROOT}.devices", f"{ROOT}.memory", ROOT}
+BASE = {f"{ROOT}.errors", f"{ROOT}.devices", f"{ROOT}.process_memory", ROOT}
 RANKS = {"base": 0, "model": 1, "engine": 2, "worker": 3, "entry": 4}
 AUDIO_IO = {f"{ROOT}.engine.{m}" for m in ("audio_read", "resampling", "output_options", "audio_write", "partials")}
 

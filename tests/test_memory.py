@@ -1,4 +1,4 @@
-"""Process memory (memory.py): idle text-encoder pages go back to the kernel without changing a
+"""Process memory (process_memory.py): idle text-encoder pages go back to the kernel without changing a
 value, and the tuned allocator returns freed tensors to the OS. Linux only (madvise, glibc)."""
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_tuned_allocator_lowers_the_peak_of_a_separation(converted):
         import sys
         sys.path.insert(0, {str(SRC)!r})
         if sys.argv[1] == "1":
-            from dsu_audiosep.memory import tune_allocator
+            from dsu_audiosep.process_memory import tune_allocator
             tune_allocator()
         import torch
         torch.set_num_threads(2)

@@ -163,7 +163,7 @@ def _separate_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .memory import tune_allocator
+    from .process_memory import tune_allocator
 
     tune_allocator()  # before anything imports torch
     args = list(sys.argv[1:] if argv is None else argv)

@@ -110,10 +110,10 @@ class AudioSep(nn.Module):
         return self.text_encoder.embed_one(text)
 
     def release_text_pages(self) -> int:
-        """Give the text encoder's memory-mapped pages back until the next new query (see memory.py)."""
+        """Give the text encoder's memory-mapped pages back until the next new query (see process_memory.py)."""
         if self.device.type != "cpu":
             return 0
-        from ..memory import page_out
+        from ..process_memory import page_out
 
         return page_out(self.text_encoder.state_dict().values())
 
