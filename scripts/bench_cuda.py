@@ -63,7 +63,7 @@ def snr_db(ref: np.ndarray, est: np.ndarray) -> float:
 
 def prepare_model(work: Path, fixtures: Path, device: str) -> dict[str, str]:
     from dsu_audiosep.model.convert import convert
-    from dsu_audiosep.synthetic_checkpoints import write_audiosep_checkpoint, write_roberta_dir
+    from dsu_audiosep.demo.model_files import write_audiosep_checkpoint, write_roberta_dir
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "audiosep_base_4M_steps.ckpt"

@@ -113,7 +113,7 @@ def main() -> int:
         print(f"{name:60s} {value}", flush=True)
 
     sys.path.insert(0, str(REPO / "src"))
-    from dsu_audiosep.demo import prepare_demo
+    from dsu_audiosep.demo.command import prepare_demo
     from dsu_audiosep.model.checkpoints import load_model
     from dsu_audiosep.model.convert import convert
 

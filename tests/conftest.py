@@ -34,7 +34,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def model_files(tmp_path_factory, fixtures_dir) -> dict[str, Path]:
     """The three user-facing files, written from the manifests with the deterministic weights."""
-    from dsu_audiosep.synthetic_checkpoints import write_audiosep_checkpoint, write_clap_checkpoint, write_roberta_dir
+    from dsu_audiosep.demo.model_files import write_audiosep_checkpoint, write_clap_checkpoint, write_roberta_dir
 
     d = tmp_path_factory.mktemp("models")
     return {

@@ -82,7 +82,7 @@ def test_with_and_without_legacy_position_ids(model_files, base_sd, reference_em
 
 
 def test_fork_torch_stft_checkpoint_loads_in_both_modes(model_files, fixtures_dir, sep_fixture, tmp_path):
-    from dsu_audiosep.synthetic_checkpoints import write_audiosep_checkpoint
+    from dsu_audiosep.demo.model_files import write_audiosep_checkpoint
 
     p = write_audiosep_checkpoint(tmp_path / "fork.ckpt", manifest=fixtures_dir / "manifest_audiosep_ckpt.json", use_torch_stft=True)
     x = torch.from_numpy(sep_fixture["mixture"])[None]
@@ -94,7 +94,7 @@ def test_fork_torch_stft_checkpoint_loads_in_both_modes(model_files, fixtures_di
 
 
 def test_roberta_folder_weights_are_used_below_clap(model_files, base_sd, reference_embedding, tmp_path):
-    from dsu_audiosep.synthetic_checkpoints import write_roberta_dir
+    from dsu_audiosep.demo.model_files import write_roberta_dir
 
     rdir = write_roberta_dir(tmp_path / "roberta-base", with_weights=True)
     # checkpoint with the projection but no RoBERTa: the folder supplies RoBERTa

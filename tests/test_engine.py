@@ -219,15 +219,15 @@ def test_oom_retries_with_smaller_chunks(model, tmp_path, monkeypatch):
 def test_streamed_file_equals_the_in_memory_computation(model, tmp_path):
     """The block-streamed pipeline (read, resample, separate, resample back, write) equals doing
     each step on whole arrays."""
-    from dsu_audiosep.engine import audio_io
+    from dsu_audiosep.engine import resampling
 
     x = _signal(3.0, 44100, channels=2)
     src = _write(tmp_path / "in.wav", x, 44100)
     _run(model, src, tmp_path / "out.wav", output_subtype="FLOAT")
     y, sr = sf.read(tmp_path / "out.wav", dtype="float32")
-    x32 = audio_io.resample(x.T, 44100, 32000)
+    x32 = resampling.resample(x.T, 44100, 32000)
     sep = model.separate(torch.from_numpy(x32), model.embed_text("vocals")).numpy()
-    ref = audio_io.resample(sep, 32000, 44100, length=x.shape[0]).T
+    ref = resampling.resample(sep, 32000, 44100, length=x.shape[0]).T
     assert sr == 44100 and y.shape == ref.shape
     assert snr_db(ref, y) > 90
 

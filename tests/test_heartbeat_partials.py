@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dsu_audiosep.engine import audio_io, partials
+from dsu_audiosep.engine import audio_write, partials
 from dsu_audiosep.worker import heartbeat as hb
 from dsu_audiosep.worker import parent as parent_mod
 
@@ -74,7 +74,7 @@ def test_atomic_writer_sweeps_its_folder_and_names_itself(tmp_path):
 
     stale = tmp_path / partials.partial_name("old.wav", _exited_process_owner())
     stale.write_bytes(b"x")
-    with audio_io.AtomicWriter(tmp_path / "new.wav", 44100, 2) as w:
+    with audio_write.AtomicWriter(tmp_path / "new.wav", 44100, 2) as w:
         assert not stale.exists()
         assert partials.parse(w.tmp_path.rsplit("/", 1)[-1]) == partials.this_process()
         w.write(np.zeros((2, 100), np.float32))

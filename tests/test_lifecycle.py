@@ -36,7 +36,7 @@ JOB_TIMEOUT = 300.0
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, str]:
-    synth = pytest.importorskip("dsu_audiosep.synthetic_checkpoints")
+    synth = pytest.importorskip("dsu_audiosep.demo.model_files")
     return synth.write_demo_model(tmp_path_factory.mktemp("lifecycle-model"))
 
 

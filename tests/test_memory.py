@@ -1,4 +1,4 @@
-"""Process memory (memory.py): idle text-encoder pages go back to the kernel without changing a
+"""Process memory (process_memory.py): idle text-encoder pages go back to the kernel without changing a
 value, and the tuned allocator returns freed tensors to the OS. Linux only (madvise, glibc)."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def converted(model_files, tmp_path_factory):
 
 
 def test_text_pages_go_back_and_come_back_unchanged(converted):
-    from dsu_audiosep.model.convert import load_converted
+    from dsu_audiosep.model.converted import load_converted
 
     m = load_converted(converted, device="cpu")
     first = m.embed_text("a dog barking").clone()
@@ -52,11 +52,11 @@ def test_tuned_allocator_lowers_the_peak_of_a_separation(converted):
         import sys
         sys.path.insert(0, {str(SRC)!r})
         if sys.argv[1] == "1":
-            from dsu_audiosep.memory import tune_allocator
+            from dsu_audiosep.process_memory import tune_allocator
             tune_allocator()
         import torch
         torch.set_num_threads(2)
-        from dsu_audiosep.model.convert import load_converted
+        from dsu_audiosep.model.converted import load_converted
         m = load_converted({str(converted)!r}, device="cpu")
         c = m.embed_text("vocals")
         m.release_text_pages()

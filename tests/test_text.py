@@ -37,7 +37,7 @@ from dsu_audiosep.model.text import (
     roberta_position_ids,
     validate_text,
 )
-from dsu_audiosep.synthetic import schema_of, synthetic_state_dict
+from dsu_audiosep.demo.weights import schema_of, synthetic_state_dict
 
 import dsu_audiosep
 

@@ -4,7 +4,7 @@ By default the worker is ``python -m dsu_audiosep --worker``; set ``DSU_WORKER_C
 ``dist/dsu-audiosep/dsu-audiosep --worker``) to run the same tests against the frozen build.
 
 The first part needs no model. The second part loads untrained synthetic weights written in the
-real checkpoint format (``dsu_audiosep.synthetic_checkpoints``) and runs real separations.
+real checkpoint format (``dsu_audiosep.demo.model_files``) and runs real separations.
 """
 from __future__ import annotations
 
@@ -413,7 +413,7 @@ def test_unavailable_device_flag_falls_back(spawn):
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> dict[str, str]:
     pytest.importorskip("dsu_audiosep.engine.separate")
-    synth = pytest.importorskip("dsu_audiosep.synthetic_checkpoints")
+    synth = pytest.importorskip("dsu_audiosep.demo.model_files")
     folder = tmp_path_factory.mktemp("worker-model")
     files = synth.write_demo_model(folder)
     # A second path to the same bytes: a different cache key at no disk cost.

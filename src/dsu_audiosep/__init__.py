@@ -10,6 +10,6 @@ __all__ = ["__version__", "PROTOCOL_VERSION", "build_audiosep", "separate_audio"
 
 def __getattr__(name):  # lazy: keep `import dsu_audiosep` free of torch
     if name in ("build_audiosep", "separate_audio"):
-        from . import pipeline
-        return getattr(pipeline, name)
+        from . import seed_api
+        return getattr(seed_api, name)
     raise AttributeError(name)

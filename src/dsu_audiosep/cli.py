@@ -140,7 +140,7 @@ def _separate_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .memory import tune_allocator
+    from .process_memory import tune_allocator
 
     tune_allocator()  # before anything imports torch
     args = list(sys.argv[1:] if argv is None else argv)
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return int(convert_main(rest) or 0)
         elif command == "demo":
-            from .demo import demo_main
+            from .demo.command import demo_main
 
             return int(demo_main(rest) or 0)
 

@@ -1,12 +1,13 @@
 """Where to cut a long signal so that chunked separation equals the full pass.
 
 ResUNet30 has no attention and its BatchNorms are affine at inference, so every output sample
-depends on a bounded stretch of input: measured by perturbation (tests/test_chunking.py), about
-+-3.2 s at 32 kHz. Two conditions make a chunk reproduce the full pass on its kept centre:
+depends on a bounded stretch of input: about +-3.2 s at 32 kHz, measured once by perturbing the
+input (tests/test_engine.py checks the consequence: EXACT_CONTEXT_S reproduces the full pass).
+Two conditions make a chunk reproduce the full pass on its kept centre:
 
 1. Alignment. The U-Net pools time by 2 five times, so frames are grouped in blocks of 32 STFT
-   frames = 32 * 320 = 10240 samples (``GRID``). A window that starts on a multiple of GRID sees
-   the same frames and the same pooling blocks as the full pass. A window that ends at the file's
+   frames = 32 * 320 = 10240 samples (``GRID``, from model/constants.py). A window that starts
+   on a multiple of GRID sees the same frames and the same pooling blocks as the full pass. A window that ends at the file's
    end gets the same zero padding as the full pass, so the last window is exact too.
 2. Context. Samples within ``context`` of a window's cut edge see the chunk's reflect padding and
    zero padding instead of the real neighbours; only the centre beyond the context is kept.
@@ -20,9 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-HOP = 320
-GRID = HOP * 32  # samples per deepest-level frame block
-SAMPLE_RATE = 32000
+from ..model.constants import GRID, SAMPLE_RATE
+
 EXACT_CONTEXT_S = 3.52  # 11 grid blocks: covers the measured +-3.2 s receptive field
 # 2 grid blocks. Against the full pass (synthetic weights, 30 s signal, 7.68-9.6 s chunks): 68 dB
 # at 0.32 s, 80 dB at 0.64 s, 92 dB at 0.96 s, about 12 dB per grid block; tests ask >= 60 dB.

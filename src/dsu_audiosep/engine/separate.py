@@ -25,8 +25,12 @@ import numpy as np
 import torch
 
 from ..errors import CANCELLED, INVALID_FIELD, OUT_OF_MEMORY, OUTPUT_ERROR, AudioSepError
-from . import audio_io
-from .chunking import DEFAULT_CONTEXT_S, GRID, SAMPLE_RATE, Window, plan_windows, seconds_to_samples
+from .audio_read import BlockReader, probe
+from .audio_write import OutputPlan, prepare_output, same_file
+from .output_options import OutputOptions, map_channels, output_channel_count
+from .resampling import StreamResampler, resampled_length
+from ..model.constants import GRID, N_FFT, SAMPLE_RATE
+from .chunking import DEFAULT_CONTEXT_S, Window, plan_windows, seconds_to_samples
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 # resident pages (~335 MB after a query) would pass the peak of the longest default window
 # without them (10.88 s): page them out first. Shorter windows keep them (no re-read on the next query).
 RELEASE_TEXT_PAGES_S = 7.0
-MIN_WINDOW = 2048  # reflect padding of the centred STFT needs more than n_fft / 2 samples
+MIN_WINDOW = N_FFT  # reflect padding of the centred STFT needs more than n_fft / 2 samples
 READ_BLOCK = 1 << 16
 
 
@@ -188,7 +192,7 @@ class _Pipeline:
     memory stays bounded by the window length.
     """
 
-    def __init__(self, model, reader_path: str, plans: list[audio_io.OutputPlan], options: SeparateOptions,
+    def __init__(self, model, reader_path: str, plans: list[OutputPlan], options: SeparateOptions,
                  cond: torch.Tensor, chunk_samples: int | None, progress, cancelled, warnings: list[str]):
         self.model, self.path, self.plans, self.opt = model, reader_path, plans, options
         self.cond, self.chunk_samples = cond, chunk_samples
@@ -196,15 +200,15 @@ class _Pipeline:
         self.parallel = _resample_in_threads(model.device)
 
     def run(self) -> int:
-        with audio_io.BlockReader(self.path, READ_BLOCK, warnings=self.warnings) as reader:
+        with BlockReader(self.path, READ_BLOCK, warnings=self.warnings) as reader:
             sr, c_in, frames = reader.samplerate, reader.channels, reader.frames
             mode = self.opt.output_channels
-            c_sep = audio_io.output_channel_count(c_in, mode) if mode == "stereo" and c_in > 2 else c_in
-            n32 = audio_io.resampled_length(frames, sr, SAMPLE_RATE)
+            c_sep = output_channel_count(c_in, mode) if mode == "stereo" and c_in > 2 else c_in
+            n32 = resampled_length(frames, sr, SAMPLE_RATE)
             ctx = seconds_to_samples(self.opt.context_seconds)
             windows = plan_windows(n32, self.chunk_samples, ctx)
             out_sr = self.plans[0].samplerate
-            out_frames = audio_io.resampled_length(frames, sr, out_sr)
+            out_frames = resampled_length(frames, sr, out_sr)
             mix_fifo: deque[np.ndarray] = deque()
             stop = threading.Event()
             segments: queue.Queue = queue.Queue(maxsize=2)
@@ -272,8 +276,8 @@ class _Pipeline:
               mix_fifo: deque, segments: queue.Queue, stop: threading.Event) -> None:
         """Decode, resample to 32 kHz and hand over each window's samples, in order."""
         mode = self.opt.output_channels
-        to32 = audio_io.StreamResampler(c_sep, reader.samplerate, SAMPLE_RATE, parallel=self.parallel)
-        mix_rs = (audio_io.StreamResampler(c_sep, reader.samplerate, self.plans[0].samplerate, parallel=self.parallel)
+        to32 = StreamResampler(c_sep, reader.samplerate, SAMPLE_RATE, parallel=self.parallel)
+        mix_rs = (StreamResampler(c_sep, reader.samplerate, self.plans[0].samplerate, parallel=self.parallel)
                   if self._needs_mixture() else None)
         parts: list[np.ndarray] = []  # 32 kHz samples not yet dropped, joined lazily (once per window)
         base = 0  # absolute 32 kHz index of the first sample in parts
@@ -287,7 +291,7 @@ class _Pipeline:
             block = reader.read()
             last = block.shape[1] == 0
             if not last and c_sep != c_in:
-                block = audio_io.map_channels(block, mode)
+                block = map_channels(block, mode)
             if last:
                 block = np.zeros((c_sep, 0), np.float32)
             y = to32.process(block, last=last, length=n32 if last else None)
@@ -317,7 +321,7 @@ class _Pipeline:
     def _write(self, writers, windows: list[Window], c_sep: int, out_sr: int, out_frames: int,
                mix_fifo: deque, separated: queue.Queue, stop: threading.Event) -> None:
         """Resample each window's kept centre back to the output rate and write it, in order."""
-        back = audio_io.StreamResampler(c_sep, SAMPLE_RATE, out_sr, parallel=self.parallel)
+        back = StreamResampler(c_sep, SAMPLE_RATE, out_sr, parallel=self.parallel)
         last_win = windows[-1]
         while True:
             item = _get(separated, stop)
@@ -343,7 +347,7 @@ class _Pipeline:
         if len(writers) > 1:
             blocks.append(mix - extracted if self.opt.mode == "extract" else extracted)
         for w, plan, b in zip(writers, self.plans, blocks):
-            w.write(audio_io.map_channels(b, plan.channel_mode) if plan.channels != b.shape[0] else b)
+            w.write(map_channels(b, plan.channel_mode) if plan.channels != b.shape[0] else b)
 
 
 def _take(fifo: deque, n: int, channels: int) -> np.ndarray:
@@ -373,15 +377,15 @@ def separate_file(model, input_path: str, output_path: str, text: str, options: 
     """Separate the sound described by ``text`` from ``input_path`` into ``output_path``."""
     opt = (options or SeparateOptions()).validate()
     warnings: list[str] = []
-    info = audio_io.probe(input_path)
+    info = probe(input_path)
     targets = [output_path] + ([opt.residual_output] if opt.residual_output else [])
     for t in targets:
-        if audio_io.same_file(t, input_path):
+        if same_file(t, input_path):
             raise AudioSepError(OUTPUT_ERROR, f"output {t} is the input file; choose another output path")
-    if len(targets) == 2 and audio_io.same_file(targets[0], targets[1]):
+    if len(targets) == 2 and same_file(targets[0], targets[1]):
         raise AudioSepError(OUTPUT_ERROR, "output and residual_output are the same file")
-    out_opts = audio_io.OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
-    plans = [audio_io.prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
+    out_opts = OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
+    plans = [prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
     cond = model.embed_text(text)
 
     duration = info.frames / info.samplerate

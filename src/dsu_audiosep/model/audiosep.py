@@ -5,19 +5,25 @@ from contextlib import contextmanager
 from typing import Callable, Mapping
 
 import torch
-
-from .skeleton import skeleton
 from torch import nn
 
+from ..errors import INVALID_FIELD, AudioSepError
+from .constants import N_FFT, SAMPLE_RATE
+from .no_init import no_init
 from .resunet import ResUNet30
 from .stft import dft_kernels
-
-SAMPLE_RATE = 32000
 
 # "tf32" keeps float32 tensors but lets CUDA's matrix units round the convolution inputs to TF32
 # (10-bit mantissa): about 3x faster on an H100 at about 48 dB SNR. "fp32" is strict IEEE float32
 # everywhere, also on CUDA where PyTorch would otherwise allow TF32 in cuDNN convolutions.
 PRECISION_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str) -> torch.dtype:
+    """The weights' dtype for a precision name; an unknown name is INVALID_FIELD."""
+    if precision not in PRECISION_DTYPES:
+        raise AudioSepError(INVALID_FIELD, f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
+    return PRECISION_DTYPES[precision]
 
 
 def materialize(factory: Callable[[], nn.Module], weights: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -26,7 +32,7 @@ def materialize(factory: Callable[[], nn.Module], weights: Mapping[str, torch.Te
     The tensors are assigned, not copied, so memory-mapped checkpoint tensors stay mapped; strict
     loading guarantees that no uninitialised parameter or buffer survives.
     """
-    with skeleton():
+    with no_init():
         module = factory()
     module.load_state_dict(weights, strict=True, assign=True)
     for p in module.parameters():
@@ -54,7 +60,7 @@ class AudioSep(nn.Module):
 
         weights = dict(ss)
         if use_torch_stft:
-            window = torch.hann_window(2048)
+            window = torch.hann_window(N_FFT)
             weights["base.stft.window"] = window
             weights["base.istft.window"] = window.clone()
         else:
@@ -104,10 +110,10 @@ class AudioSep(nn.Module):
         return self.text_encoder.embed_one(text)
 
     def release_text_pages(self) -> int:
-        """Give the text encoder's memory-mapped pages back until the next new query (see memory.py)."""
+        """Give the text encoder's memory-mapped pages back until the next new query (see process_memory.py)."""
         if self.device.type != "cpu":
             return 0
-        from ..memory import page_out
+        from ..process_memory import page_out
 
         return page_out(self.text_encoder.state_dict().values())
 

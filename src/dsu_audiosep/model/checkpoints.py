@@ -18,7 +18,6 @@ a warning is printed to stderr.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import sys
@@ -29,9 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .audiosep import PRECISION_DTYPES as PRECISIONS
-from .skeleton import skeleton
-
+from ..devices import resolve_device
 from ..errors import (
     FILE_NOT_FOUND,
     INVALID_CHECKPOINT,
@@ -41,6 +38,11 @@ from ..errors import (
     UNSAFE_CHECKPOINT,
     AudioSepError,
 )
+from .audiosep import check_precision
+from .constants import CONDITION_SIZE, SAMPLE_RATE
+from .converted import load_converted
+from .no_init import no_init
+from .state_check import check_tensors
 
 CONV_STFT_KEYS = (
     "stft.conv_real.weight",
@@ -56,8 +58,8 @@ OPTIONAL_TEXT_KEYS = ("text_branch.embeddings.position_ids",)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    sampling_rate: int = 32000
-    condition_size: int = 512
+    sampling_rate: int = SAMPLE_RATE
+    condition_size: int = CONDITION_SIZE
     model_type: str = "ResUNet30"
     input_channels: int = 1
     output_channels: int = 1
@@ -79,8 +81,8 @@ def read_config(path: str | os.PathLike | None) -> ModelConfig:
     model, data = doc["model"], doc.get("data") or {}
     try:
         cfg = ModelConfig(
-            sampling_rate=int(data.get("sampling_rate", 32000)),
-            condition_size=int(model.get("condition_size", 512)),
+            sampling_rate=int(data.get("sampling_rate", SAMPLE_RATE)),
+            condition_size=int(model.get("condition_size", CONDITION_SIZE)),
             model_type=str(model.get("model_type", "ResUNet30")),
             input_channels=int(model.get("input_channels", 1)),
             output_channels=int(model.get("output_channels", 1)),
@@ -89,7 +91,7 @@ def read_config(path: str | os.PathLike | None) -> ModelConfig:
         raise AudioSepError(INVALID_CONFIG, f"config {p} has a malformed value: {exc}") from None
     if cfg.model_type != "ResUNet30":
         raise AudioSepError(INVALID_CONFIG, f"config {p}: model_type {cfg.model_type!r} is not supported (only ResUNet30)")
-    if (cfg.sampling_rate, cfg.condition_size, cfg.input_channels, cfg.output_channels) != (32000, 512, 1, 1):
+    if (cfg.sampling_rate, cfg.condition_size, cfg.input_channels, cfg.output_channels) != (SAMPLE_RATE, CONDITION_SIZE, 1, 1):
         raise AudioSepError(INVALID_CONFIG, f"config {p}: only the AudioSep base settings are supported (32 kHz, condition 512, 1 in / 1 out channel), got {cfg}")
     return cfg
 
@@ -169,33 +171,8 @@ def _sub(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
     return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def check_tensors(
-    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str, prefix: str = ""
-) -> None:
-    """Every expected key present with the expected shape, nothing unknown: else one clear error."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    wrong = [
-        f"{prefix}{k} {tuple(given[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in given and tuple(given[k].shape) != tuple(v.shape)
-    ]
-    wrong_dtype = [f"{prefix}{k} ({given[k].dtype})" for k in expected if k in given and not given[k].is_floating_point() and expected[k].is_floating_point()]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): " + ", ".join(prefix + k for k in missing[:5]) + (" ..." if len(missing) > 5 else ""))
-    if unexpected:
-        problems.append(f"{len(unexpected)} unknown key(s): " + ", ".join(prefix + k for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: " + ", ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
-    if wrong_dtype:
-        problems.append("non-float weights: " + ", ".join(wrong_dtype[:5]))
-    if problems:
-        raise AudioSepError(INVALID_CHECKPOINT, f"{source} does not match the AudioSep model: " + "; ".join(problems))
-
-
-def separator_weights(sd: Mapping[str, torch.Tensor], use_torch_stft: bool, source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Split ``ss_model.*`` into network weights for the chosen STFT variant, plus the conv kernels if stored."""
+def separator_weights(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Split ``ss_model.*`` into the network weights (either STFT variant) and the conv STFT kernels, if stored."""
     from .resunet import ResUNet30
 
     ss = _sub(sd, "ss_model.")
@@ -210,12 +187,12 @@ def separator_weights(sd: Mapping[str, torch.Tensor], use_torch_stft: bool, sour
             conv[k] = ss.pop("base." + k)
     for k in TORCH_STFT_KEYS:
         ss.pop("base." + k, None)  # a window is a constant; ours is built in
-    with skeleton():
+    with no_init():
         reference = ResUNet30(use_torch_stft=True).state_dict()
     expected = {k: v for k, v in reference.items() if not k.startswith(("base.stft.", "base.istft."))}
     check_tensors(expected, ss, source, "ss_model.")
     if conv:
-        with skeleton():
+        with no_init():
             ref_conv = {k[len("base."):]: v for k, v in ResUNet30(use_torch_stft=False).state_dict().items() if k[len("base."):] in CONV_STFT_KEYS}
         if len(conv) != len(CONV_STFT_KEYS):
             conv_missing = [k for k in CONV_STFT_KEYS if k not in conv]
@@ -305,12 +282,6 @@ def find_roberta_dir(roberta_dir: str | os.PathLike | None, near: list[Path]) ->
     )
 
 
-def check_precision(precision: str) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise AudioSepError(INVALID_FIELD, f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
-
-
 def load_model(
     *,
     config_path: str | os.PathLike | None = None,
@@ -325,29 +296,26 @@ def load_model(
     trust_checkpoint: bool = False,
 ):
     """Build an :class:`AudioSep` from the user's files. Every failure is an ``AudioSepError``."""
-    from ..engine.devices import resolve_device
     from .audiosep import AudioSep
     from .text import RobertaConfig, TextEncoder, Tokenizer
 
     dev = resolve_device(device)
-    dtype = check_precision(precision)
+    check_precision(precision)
     read_config(config_path)
     if model_dir is not None:
-        from .convert import load_converted
-
-        return load_converted(model_dir, device=dev, mmap=mmap, use_torch_stft=use_torch_stft, precision=precision)
+        return load_converted(model_dir, device=dev, use_torch_stft=use_torch_stft, precision=precision)
     if checkpoint_path is None:
         raise AudioSepError(INVALID_FIELD, "checkpoint_path (the AudioSep .ckpt) or model_dir (a converted folder) is required")
 
     ckpt_path = Path(checkpoint_path)
     main_sd = state_dict_of(torch_load(ckpt_path, "AudioSep checkpoint", mmap, trust_checkpoint), ckpt_path, "AudioSep checkpoint")
-    ss, conv = separator_weights(main_sd, use_torch_stft, f"AudioSep checkpoint {ckpt_path}")
+    ss, conv = separator_weights(main_sd, f"AudioSep checkpoint {ckpt_path}")
 
     exe_dir = Path(sys.executable).resolve().parent
     rdir = find_roberta_dir(roberta_dir, list(dict.fromkeys([ckpt_path.absolute().parent, ckpt_path.resolve().parent, exe_dir])))
     tokenizer = Tokenizer.from_dir(rdir)
     rcfg = RobertaConfig.from_dir(rdir)
-    with skeleton():
+    with no_init():
         text_ref = TextEncoder(rcfg).state_dict()
     text_ref = {k: v for k, v in text_ref.items() if k not in OPTIONAL_TEXT_KEYS}
 

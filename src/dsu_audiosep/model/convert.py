@@ -1,4 +1,4 @@
-"""A converted model folder: one safetensors file with only what inference reads, loaded in ms.
+"""Writing a converted model folder (``dsu-audiosep convert``); converted.py reads it back.
 
     dsu-audiosep convert --checkpoint audiosep_base_4M_steps.ckpt --roberta-dir roberta-base --out audiosep-fast
     {"cmd": "load_model", "model_dir": "audiosep-fast"}
@@ -24,19 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .skeleton import skeleton
-
-from ..errors import FILE_NOT_FOUND, INVALID_CHECKPOINT, OUTPUT_ERROR, AudioSepError
-
-FORMAT = "dsu-audiosep-converted"
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "config.json", "tokenizer_config.json")
+from ..errors import OUTPUT_ERROR, AudioSepError
+from .checkpoints import load_model
+from .constants import CONDITION_SIZE, SAMPLE_RATE
+from .converted import FORMAT, FORMAT_VERSION, TOKENIZER_FILES
 
 
 def convert(*, checkpoint_path: str, out_dir: str, roberta_dir: str | None = None, clap_checkpoint_path: str | None = None,
             config_path: str | None = None, fp16: bool = False, trust_checkpoint: bool = False) -> Path:
-    from .checkpoints import load_model
-
     model = load_model(config_path=config_path, checkpoint_path=checkpoint_path, clap_checkpoint_path=clap_checkpoint_path,
                        roberta_dir=roberta_dir, device="cpu", mmap=True, use_torch_stft=False, trust_checkpoint=trust_checkpoint)
     rdir = Path(model.sources["roberta_dir"])  # the folder the loader settled on
@@ -62,7 +57,7 @@ def convert(*, checkpoint_path: str, out_dir: str, roberta_dir: str | None = Non
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model": {"model_type": "ResUNet30", "sampling_rate": 32000, "condition_size": 512,
+            "model": {"model_type": "ResUNet30", "sampling_rate": SAMPLE_RATE, "condition_size": CONDITION_SIZE,
                       "input_channels": 1, "output_channels": 1},
             "roberta": model.text_encoder.config.to_dict(),
             "storage_dtype": "float16" if fp16 else "float32",
@@ -77,53 +72,6 @@ def convert(*, checkpoint_path: str, out_dir: str, roberta_dir: str | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def load_converted(model_dir: str | os.PathLike, *, device: str = "cpu", mmap: bool = True,
-                   use_torch_stft: bool = False, precision: str = "fp32"):
-    from .audiosep import AudioSep
-    from .checkpoints import check_precision, check_tensors
-    from .resunet import ResUNet30
-    from .text import RobertaConfig, TextEncoder, Tokenizer
-
-    folder = Path(model_dir)
-    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-    if not folder.is_dir():
-        raise AudioSepError(FILE_NOT_FOUND, f"model_dir not found: {folder}")
-    for p in (cfg_path, weights):
-        if not p.exists():
-            raise AudioSepError(INVALID_CHECKPOINT, f"{folder} is not a converted model folder: {p.name} is missing (create one with 'dsu-audiosep convert')")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AudioSepError(INVALID_CHECKPOINT, f"{cfg_path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AudioSepError(INVALID_CHECKPOINT, f"{cfg_path} is not a dsu-audiosep converted model config")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise AudioSepError(INVALID_CHECKPOINT, f"{folder} was written by a newer dsu-audiosep (format {meta.get('format_version')})")
-    dtype = check_precision(precision)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        sd = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AudioSepError(INVALID_CHECKPOINT, f"{weights} is truncated or corrupt ({exc})") from None
-    if meta.get("storage_dtype") == "float16" and dtype != torch.float16:
-        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    rcfg = RobertaConfig.from_dict(meta.get("roberta") or {}, str(cfg_path))
-    tokenizer = Tokenizer.from_dir(folder / "tokenizer")
-    ss = {k[len("ss_model."):]: v for k, v in sd.items() if k.startswith("ss_model.")}
-    conv = {k[len("base."):]: ss.pop(k) for k in list(ss) if k.startswith(("base.stft.", "base.istft."))}
-    text = {k[len("text_encoder."):]: v for k, v in sd.items() if k.startswith("text_encoder.")}
-    with skeleton():
-        ref_ss = {k: v for k, v in ResUNet30(use_torch_stft=True).state_dict().items() if not k.startswith(("base.stft.", "base.istft."))}
-        ref_text = TextEncoder(rcfg).state_dict()
-    check_tensors(ref_ss, ss, str(weights), "ss_model.")
-    check_tensors(ref_text, text, str(weights), "text_encoder.")
-    model = AudioSep.from_weights(ss, conv or None, text, tokenizer, rcfg, use_torch_stft=use_torch_stft)
-    model.sources = {"model_dir": str(folder), "roberta_dir": str(folder / "tokenizer")}
-    return model.to_device(device, precision)
 
 
 def convert_main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import BINS, CONDITION_SIZE, ENCODER_POOL, TIME_DOWNSAMPLE
 from .stft import make_stft_pair
 
 LEAKY_SLOPE = 0.01
-TIME_DOWNSAMPLE = 32  # 2**5: five (2, 2) poolings along time
 ENCODER_CHANNELS = (32, 64, 128, 256, 384, 384)
-ENCODER_POOL = ((2, 2), (2, 2), (2, 2), (2, 2), (2, 2), (1, 2))
 DECODER_CHANNELS = (384, 384, 256, 128, 64, 32)
 DECODER_UPSAMPLE = ((1, 2), (2, 2), (2, 2), (2, 2), (2, 2), (2, 2))
 
@@ -136,7 +135,7 @@ class ResUNet30Base(nn.Module):
         super().__init__()
         self.output_channels = output_channels
         self.stft, self.istft = make_stft_pair(use_torch_stft)
-        self.bn0 = _bn(1025)
+        self.bn0 = _bn(BINS)
         self.pre_conv = nn.Conv2d(input_channels, 32, 1)
         c_prev = 32
         for i, (c, pool) in enumerate(zip(ENCODER_CHANNELS, ENCODER_POOL), start=1):
@@ -226,7 +225,7 @@ class ResUNet30Base(nn.Module):
 class FiLM(nn.Module):
     """One Linear(condition -> C) per conditioned BatchNorm, named by its path in the U-Net."""
 
-    def __init__(self, sites: list[tuple[str, int]], condition_size: int = 512):
+    def __init__(self, sites: list[tuple[str, int]], condition_size: int = CONDITION_SIZE):
         super().__init__()
         for name, channels in sites:
             self.add_module(name, nn.Linear(condition_size, channels))
@@ -239,7 +238,7 @@ class FiLM(nn.Module):
 class ResUNet30(nn.Module):
     """The separator: ``base`` U-Net plus its ``film`` conditioning (checkpoint prefix ``ss_model.``)."""
 
-    def __init__(self, input_channels: int = 1, output_channels: int = 1, condition_size: int = 512,
+    def __init__(self, input_channels: int = 1, output_channels: int = 1, condition_size: int = CONDITION_SIZE,
                  use_torch_stft: bool = False):
         super().__init__()
         self.base = ResUNet30Base(input_channels, output_channels, use_torch_stft)

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-N_FFT = 2048
-HOP = 320
+from .constants import HOP, N_FFT
 
 
 def hann_periodic(n: int) -> np.ndarray:

@@ -36,6 +36,7 @@ from ..errors import (
     PERMISSION_DENIED,
     AudioSepError,
 )
+from .constants import CONDITION_SIZE
 
 # The original tokenises with ``truncation=True, max_length=512``: 510 text ids plus <s> and </s>.
 MAX_TOKENS = 512
@@ -393,11 +394,10 @@ class RobertaEncoder(nn.Module):
     ``load_state_dict(sd, assign=True)``.
     """
 
-    def __init__(self, config: RobertaConfig | None = None, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, config: RobertaConfig | None = None, *, device: torch.device | str | None = None):
         super().__init__()
         self.config = config = config or RobertaConfig()
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device}
         self.embeddings = _Embeddings(config, **factory)
         self.encoder = _Stack(config, **factory)
         self.pooler = _Pooler(config, **factory)
@@ -448,11 +448,11 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, config: RobertaConfig | None = None, tokenizer: Tokenizer | None = None, *,
-                 embed_dim: int = 512, cache_size: int = 256,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 embed_dim: int = CONDITION_SIZE, cache_size: int = 256,
+                 device: torch.device | str | None = None):
         super().__init__()
         config = config or RobertaConfig()
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device}
         self.text_branch = RobertaEncoder(config, **factory)
         self.text_projection = nn.Sequential(
             nn.Linear(config.hidden_size, embed_dim, **factory),

@@ -378,7 +378,7 @@ def _fallback_resolve_device(name: str | None) -> str:
 
 def resolve_device(name: str | None) -> str:
     try:
-        from ..engine.devices import resolve_device as engine_resolve
+        from ..devices import resolve_device as engine_resolve
     except ImportError:
         return _fallback_resolve_device(name)
     return engine_resolve(name)
@@ -845,7 +845,7 @@ class Worker:
     @staticmethod
     def _duration_seconds(path: str) -> float | None:
         try:
-            from ..engine.audio_io import probe
+            from ..engine.audio_read import probe
 
             return float(probe(path).duration)
         except Exception:  # unreadable: separate_file reports the real problem
@@ -936,7 +936,7 @@ class Worker:
 
 
 def _cleanup_partial_files() -> None:
-    audio_io = sys.modules.get("dsu_audiosep.engine.audio_io")
+    audio_io = sys.modules.get("dsu_audiosep.engine.audio_write")
     cleanup = getattr(audio_io, "cleanup_partial_files", None) if audio_io else None
     if cleanup is None:
         return

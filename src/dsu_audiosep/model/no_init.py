@@ -1,6 +1,6 @@
 """Build modules without initialising their weights (they are about to be replaced).
 
-Inside ``skeleton()`` the ``torch.nn.init`` functions are no-ops, so a module's parameters are
+Inside ``no_init()`` the ``torch.nn.init`` functions are no-ops, so a module's parameters are
 uninitialised allocations: large ones are never touched, so they cost neither time (seconds saved
 on 125 M RoBERTa parameters) nor resident memory, and they are replaced by the loaded tensors
 (``load_state_dict(strict=True, assign=True)``). We do not use the meta device for this: on meta
@@ -23,7 +23,7 @@ def _noop(tensor, *args, **kwargs):
 
 
 @contextmanager
-def skeleton() -> Iterator[None]:
+def no_init() -> Iterator[None]:
     names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
     with _LOCK:
         saved = {n: getattr(torch.nn.init, n) for n in names}

@@ -21,21 +21,22 @@ from typing import Iterable
 
 import torch
 
-from .model.skeleton import skeleton
+from ..model.constants import N_FFT
+from ..model.no_init import no_init
+from .weights import schema_of, synthetic_state_dict
 
-from .synthetic import schema_of, synthetic_state_dict
-
-ASSETS = Path(__file__).resolve().parent / "assets"
+# Package data of dsu_audiosep itself (the frozen build and the wheel ship it there).
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_TOKENIZER = ASSETS / "demo_tokenizer"
 UNTRAINED_NOTE = "UNTRAINED demo weights (deterministic random scheme); not the released AudioSep model"
 
 
 def _natural(key: str) -> torch.Tensor | None:
-    from .model.stft import dft_kernels
+    from ..model.stft import dft_kernels
 
     short = key.split("ss_model.base.")[-1]
     if short in ("stft.window", "istft.window"):
-        return torch.hann_window(2048)
+        return torch.hann_window(N_FFT)
     if short.startswith(("stft.", "istft.")):
         return dft_kernels()[short]
     if key.endswith("embeddings.position_ids"):
@@ -51,10 +52,10 @@ def _manifest_schema(manifest: str | os.PathLike, section: str | None = None) ->
 
 def runtime_schema(use_torch_stft: bool = False, position_ids: bool = True) -> list[tuple[str, tuple, torch.dtype]]:
     """The AudioSep-checkpoint keys the runtime reads, in released order."""
-    from .model.resunet import ResUNet30
-    from .model.text import RobertaConfig, TextEncoder
+    from ..model.resunet import ResUNet30
+    from ..model.text import RobertaConfig, TextEncoder
 
-    with skeleton():
+    with no_init():
         ss = schema_of(ResUNet30(use_torch_stft=use_torch_stft).state_dict(), "ss_model.")
         text = schema_of(TextEncoder(RobertaConfig.from_dir(DEMO_TOKENIZER)).state_dict(), "query_encoder.model.")
     extra = [("query_encoder.model.text_branch.embeddings.position_ids", (1, 514), torch.int64)] if position_ids else []

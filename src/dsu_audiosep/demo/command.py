@@ -29,7 +29,7 @@ def write_demo_mixture(path: Path, seconds: float = 4.0, sr: int = 44100) -> Pat
 
 
 def prepare_demo(out: Path) -> dict[str, str]:
-    from .synthetic_checkpoints import write_demo_model
+    from .model_files import write_demo_model
 
     out.mkdir(parents=True, exist_ok=True)
     paths = write_demo_model(out)

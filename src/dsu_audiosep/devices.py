@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import DEVICE_UNAVAILABLE, AudioSepError
+from .errors import DEVICE_UNAVAILABLE, AudioSepError
 
 
 def _mps_available() -> bool:

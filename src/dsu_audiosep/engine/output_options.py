@@ -1,0 +1,180 @@
+"""What an output file will be: container, sample format, rate and channels, and the downmix.
+
+The container comes from the output extension: .wav, .flac, .ogg/.oga (Vorbis), .aiff/.aif.
+Sample formats: PCM_16 (default), PCM_24, FLOAT. FLAC cannot store float samples: FLOAT with
+.flac is refused with INVALID_FIELD (silently writing 24-bit integers would clip values above
+full scale without the user having chosen it). Ogg/Vorbis is lossy and has no sample format:
+the option is ignored there and the file is Vorbis, clipped like PCM.
+Limits checked before opening: FLAC holds 1..8 channels up to 655350 Hz; Ogg/Vorbis up to
+200 kHz (the bundled libvorbis crashes the whole process above that, measured) - both refused
+with INVALID_FIELD.
+
+Channels: ``"input"`` keeps the channel count. ``"stereo"`` writes two channels: mono is
+duplicated, stereo kept, and more channels are downmixed with the usual coefficients for the
+standard WAVE channel order (front left/right at 1, centre and surrounds at -3 dB to their
+side or both sides, LFE dropped), each output row normalised so that its coefficients sum to 1,
+which means the downmix itself can never clip. Downmixing before separating is cheaper (fewer
+channels to separate) and gives a comparable result; the engine chooses where to call it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsu_audiosep.errors import INVALID_FIELD, AudioSepError
+
+from .audio_read import PathLike
+
+__all__ = [
+    "OUTPUT_FORMATS", "OutputOptions", "output_format_for", "check_format_limits", "container_subtype",
+    "map_channels", "output_channel_count",
+]
+
+OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG", ".aiff": "AIFF", ".aif": "AIFF"}
+_SUBTYPE_ALIASES = {
+    "PCM_16": "PCM_16", "PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16",
+    "PCM_24": "PCM_24", "PCM24": "PCM_24", "24": "PCM_24", "INT24": "PCM_24",
+    "FLOAT": "FLOAT", "FLOAT32": "FLOAT", "F32": "FLOAT", "32F": "FLOAT",
+}
+_MIN_SR, _MAX_SR = 1000, 768000
+
+
+def output_format_for(path: PathLike) -> str:
+    """libsndfile container for an output path, from its extension (case-insensitive)."""
+    p = os.fsdecode(os.fspath(path))
+    ext = os.path.splitext(p)[1].lower()
+    fmt = OUTPUT_FORMATS.get(ext)
+    if fmt is None:
+        shown = f"'{ext}'" if ext else "no extension"
+        raise AudioSepError(
+            INVALID_FIELD,
+            f"output '{p}' has {shown}; the output type comes from the extension: use one of "
+            + ", ".join(sorted(OUTPUT_FORMATS)),
+        )
+    return fmt
+
+
+# Limits libsndfile enforces (FLAC) or, worse, crashes on (libvorbis segfaults above 200 kHz with
+# the bundled libsndfile 1.2.2, measured): checked before opening anything.
+_FORMAT_LIMITS = {"FLAC": (8, 655350), "OGG": (255, 200000)}
+
+
+def check_format_limits(fmt: str, samplerate: int, channels: int, path: str) -> None:
+    """Refuse a channel count or rate the container cannot hold (INVALID_FIELD)."""
+    if fmt not in _FORMAT_LIMITS:
+        return
+    max_ch, max_sr = _FORMAT_LIMITS[fmt]
+    if channels > max_ch:
+        raise AudioSepError(
+            INVALID_FIELD,
+            f"output '{path}': {fmt} holds at most {max_ch} channels, not {channels}; use "
+            "output_channels \"stereo\" or a .wav output",
+        )
+    if samplerate > max_sr:
+        raise AudioSepError(
+            INVALID_FIELD,
+            f"output '{path}': {fmt} supports sample rates up to {max_sr} Hz, not {samplerate}; "
+            "choose a lower output_sr or a .wav output",
+        )
+
+
+def container_subtype(fmt: str, subtype: str, path: str) -> str:
+    """The libsndfile subtype actually written for a requested one in this container."""
+    if fmt == "OGG":
+        return "VORBIS"  # lossy: the requested sample format does not apply
+    if fmt == "FLAC" and subtype == "FLOAT":
+        raise AudioSepError(
+            INVALID_FIELD,
+            f"output '{path}': FLAC cannot store 32-bit float samples; choose output_subtype "
+            "PCM_16 or PCM_24, or a .wav/.aiff output for FLOAT",
+        )
+    return subtype
+
+
+@dataclass
+class OutputOptions:
+    """How separated audio is written. ``validate()`` normalises aliases in place and returns self."""
+
+    samplerate: int | str = 44100   # Hz, or "input" for the input's rate
+    subtype: str = "PCM_16"         # "PCM_16" | "PCM_24" | "FLOAT" (aliases "16", "24", "float")
+    channels: str = "stereo"        # "stereo" | "input"
+
+    def validate(self) -> "OutputOptions":
+        sr = self.samplerate
+        if isinstance(sr, str) and sr.strip().lower() == "input":
+            self.samplerate = "input"
+        else:
+            value = None
+            if isinstance(sr, (int, np.integer)) and not isinstance(sr, bool):
+                value = int(sr)
+            elif isinstance(sr, float) and sr.is_integer():
+                value = int(sr)
+            elif isinstance(sr, str) and sr.strip().isdigit():
+                value = int(sr.strip())
+            if value is None or not _MIN_SR <= value <= _MAX_SR:
+                raise AudioSepError(
+                    INVALID_FIELD,
+                    f"output_sr must be an integer from {_MIN_SR} to {_MAX_SR} Hz or \"input\", got {sr!r}",
+                )
+            self.samplerate = value
+        st = self.subtype
+        key = str(st).strip().upper() if isinstance(st, (str, int)) and not isinstance(st, bool) else None
+        if key not in _SUBTYPE_ALIASES:
+            raise AudioSepError(
+                INVALID_FIELD, f"output_subtype must be \"PCM_16\", \"PCM_24\" or \"FLOAT\", got {st!r}"
+            )
+        self.subtype = _SUBTYPE_ALIASES[key]
+        ch = self.channels
+        mode = ch.strip().lower() if isinstance(ch, str) else None
+        if mode not in ("stereo", "input"):
+            raise AudioSepError(INVALID_FIELD, f"output_channels must be \"stereo\" or \"input\", got {ch!r}")
+        self.channels = mode
+        return self
+
+    def resolved_samplerate(self, input_samplerate: int) -> int:
+        return int(input_samplerate) if self.samplerate == "input" else int(self.samplerate)
+
+    def resolved_channels(self, input_channels: int) -> int:
+        return output_channel_count(input_channels, self.channels)
+
+
+def output_channel_count(input_channels: int, mode: str) -> int:
+    return int(input_channels) if mode == "input" else 2
+
+
+_C = float(np.sqrt(0.5))  # -3 dB
+
+# Stereo downmix rows (left, right) for the standard WAVE channel orders; LFE gets 0.
+_DOWNMIX = {
+    3: ([1, 0, _C], [0, 1, _C]),                                            # FL FR FC
+    4: ([1, 0, _C, 0], [0, 1, 0, _C]),                                      # FL FR BL BR (quad)
+    5: ([1, 0, _C, _C, 0], [0, 1, _C, 0, _C]),                              # FL FR FC BL BR
+    6: ([1, 0, _C, 0, _C, 0], [0, 1, _C, 0, 0, _C]),                        # 5.1
+    7: ([1, 0, _C, 0, _C, _C, 0], [0, 1, _C, 0, _C, 0, _C]),                # 6.1: ... BC SL SR
+    8: ([1, 0, _C, 0, _C, 0, _C, 0], [0, 1, _C, 0, 0, _C, 0, _C]),          # 7.1: ... BL BR SL SR
+}
+
+
+def _downmix_matrix(n: int) -> np.ndarray:
+    if n in _DOWNMIX:
+        m = np.array(_DOWNMIX[n], dtype=np.float64)
+    else:  # unknown layout: first two are left/right, the rest go to both sides at -3 dB
+        m = np.full((2, n), _C)
+        m[:, :2] = [[1, 0], [0, 1]]
+    return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def map_channels(x: np.ndarray, mode: str) -> np.ndarray:
+    """Apply the channel rule to ``x`` [channels, n]: "input" keeps it, "stereo" gives 2 channels."""
+    if mode == "input":
+        return x
+    if mode != "stereo":
+        raise AudioSepError(INVALID_FIELD, f"output_channels must be \"stereo\" or \"input\", got {mode!r}")
+    c = x.shape[0]
+    if c == 2:
+        return x
+    if c == 1:
+        return np.concatenate([x, x], axis=0)
+    return _downmix_matrix(c) @ np.asarray(x, dtype=np.float32)
