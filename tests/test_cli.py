@@ -12,7 +12,7 @@ import soundfile as sf
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from dsu_audiosep.synthetic_checkpoints import write_demo_model
+    from dsu_audiosep.demo.model_files import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("cli-model"))
 
