@@ -60,7 +60,6 @@ def _worker_flags(ns: Any) -> dict[str, Any]:
 
 def _separate_main(argv: Sequence[str]) -> int:
     import argparse
-    import json
 
     def tri(value: str) -> Any:
         low = value.strip().lower()
@@ -94,7 +93,11 @@ def _separate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--mode", help="extract (default) or remove")
     parser.add_argument("--residual-output", help="also write the rest of the mixture here")
     ns = parser.parse_args(list(argv))
+    return _separate_one(*_separate_commands(ns))
 
+
+def _separate_commands(ns: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parsed flags as the worker's load_model and separate fields (None: not given)."""
     output_sr: Any = ns.output_sr
     if output_sr is not None and output_sr.strip().lower() != "input":
         try:
@@ -132,32 +135,51 @@ def _separate_main(argv: Sequence[str]) -> int:
         "mode": ns.mode,
         "residual_output": ns.residual_output,
     }
+    return load, job
 
+
+def _separate_one(load: dict[str, Any], job: dict[str, Any]) -> int:
+    """Load, plan and run one separation with the engine; the ``done`` reply on stdout."""
+    import json
+    import time
+
+    from .engine.torch_engine import TorchEngine
     from .worker import protocol as P
-    from .worker.loop import ReplyWriter, Worker, resolve_device
+    from .worker.failures import describe_exception
+    from .worker.model_paths import check_exists, resolve_model_paths
     from .worker.policy import resolve_settings
 
-    settings = resolve_settings({})
-    # Status lines (loading_model, separating) go to stderr; the final reply is the only stdout.
-    worker = Worker(ReplyWriter(2), settings)
-    result: dict = {}
-    try:
-        worker.device = resolve_device(settings.device)
-        for raw in (load, job):
-            cmd = P.parse_object({k: v for k, v in raw.items() if v is not None})
-            result = worker.execute(cmd)
-            if result.get("status") == "error":
-                break
-    except P.RequestError as exc:
-        result = P.error_reply(exc.code, exc.message)
-    except Exception as exc:
-        from .worker.loop import describe_exception
+    def command(raw: dict[str, Any]) -> Any:
+        """The fields validated as the worker validates them (same errors, same messages)."""
+        return P.parse_object({k: v for k, v in raw.items() if v is not None}).args
 
-        code, message, _extra = describe_exception(exc)
-        result = P.error_reply(code, message)
-    if result.get("status") == "error":
-        sys.stderr.write(f"{PROG}: error ({result.get('code')}): {result.get('message')}\n")
+    def status(stage: str, **fields: Any) -> None:
+        sys.stderr.write(json.dumps(P.reply(stage, **fields), ensure_ascii=True, separators=(",", ":")) + "\n")
+
+    engine = TorchEngine()
+    settings = resolve_settings({})
+    try:
+        load_args, job_args = command(load), command(job)
+        engine.start()
+        paths = resolve_model_paths(load_args)
+        load_plan = engine.plan_load(load_args, settings)
+        check_exists(paths)
+        status("loading_model", model=paths.model_dir or paths.checkpoint_path)
+        model = engine.load_model(paths, load_plan, bool(load_args.trust_checkpoint))
+        status("separating", input=job_args.input)
+        plan = engine.plan_job(job_args, load_plan)
+        started = time.perf_counter()
+        outcome = engine.separate(model, plan, progress=None, cancelled=None)
+        elapsed = time.perf_counter() - started
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # as the worker: a library's SystemExit is an error too
+        code, message, _extra = describe_exception(exc, engine.release_memory)
+        sys.stderr.write(f"{PROG}: error ({code}): {message}\n")
         return 1
+    result = P.reply("done", elapsed=round(elapsed, 3), files=list(outcome.files),
+                     use_torch_stft_mode=plan.use_torch_stft_mode, use_torch_stft_value=plan.use_torch_stft)
+    result.update(outcome.details)
     sys.stdout.write(json.dumps(result, ensure_ascii=True) + "\n")
     return 0
 
@@ -196,6 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         # A parent passing a flag this version does not know must not lose its worker.
         sys.stderr.write(f"{PROG}: warning: ignoring unknown arguments: {' '.join(unknown)}\n")
-    from .worker.loop import run_worker
+    from .worker.process import run_worker
 
     return run_worker(_worker_flags(ns))
