@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchmark import Worker, make_input  # noqa: E402  (the CPU rows' pipe client and inputs)
+from benchmark import Worker, default_argv, make_input  # noqa: E402  (the CPU rows' pipe client and inputs)
 
 import torch  # noqa: E402
 
@@ -216,7 +216,7 @@ def section_io(work: Path) -> None:
 
 def section_worker(paths, work: Path, durations, reps: int, device: str, precisions=("fp32",), long_durations=()) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    w = Worker([sys.executable, "-m", "dsu_audiosep", "--worker"], env=env)
+    w = Worker(default_argv(), env=env)
     row("worker", "spawn -> ready (python source, this machine)", f"{w.t_ready:.2f} s")
     r = w.call({"cmd": "load_model", "checkpoint_path": paths["checkpoint_path"], "roberta_dir": paths["roberta_dir"], "device": device})
     row("worker", "load_model original .ckpt on the device (elapsed)", f"{r['elapsed']:.2f} s")

@@ -13,7 +13,6 @@ worker's VmHWM from /proc (Linux), one fresh worker per row where the row measur
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -28,53 +27,38 @@ import numpy as np
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from dsu_audiosep.worker.client import WorkerClient, default_argv  # noqa: E402  (the shared pipe client)
+
 FROZEN = REPO / "dist" / "dsu-audiosep" / ("dsu-audiosep.exe" if os.name == "nt" else "dsu-audiosep")
 
 
-class Worker:
+class Worker(WorkerClient):
+    """The worker over pipes (the package's client), timed from spawn: ``t_first`` to its first
+    line, ``t_ready`` to "ready"; ``call`` waits as long as a job takes and raises on an error."""
+
     def __init__(self, argv: list[str], env: dict[str, str] | None = None):
         self.t0 = time.perf_counter()
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                  bufsize=1, env=env)
-        self.first = self._line()
-        self.t_first = time.perf_counter() - self.t0
-        while True:
-            r = self._line()
-            if r.get("status") == "ready":
-                self.t_ready = time.perf_counter() - self.t0
-                break
-
-    def _line(self) -> dict:
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError("worker ended")
-        return json.loads(line)
+        super().__init__(argv, env=env, stderr=subprocess.DEVNULL, timeout=None)
+        self.wait_ready()
+        self.t_first = self.line_times[0]
+        self.t_ready = self.line_times[-1]  # nothing else is said before the first command
 
     def call(self, cmd: dict) -> dict:
-        self.p.stdin.write(json.dumps(cmd) + "\n")
-        self.p.stdin.flush()
-        while True:
-            r = self._line()
-            if r.get("status") in ("done", "error", "model_loaded", "models", "pong", "exiting"):
-                if r.get("status") == "error":
-                    raise RuntimeError(r)
-                return r
+        return self.request(cmd, check=True)
 
     def peak_rss_mb(self) -> float:
         try:
-            for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
         except OSError:
             pass
         return float("nan")
 
-    def close(self):
-        try:
-            self.call({"cmd": "exit"})
-        except Exception:
-            pass
-        self.p.wait(timeout=30)
+    def close(self, timeout: float = 30) -> None:
+        super().close(timeout)
 
 
 def median(xs):
@@ -103,7 +87,7 @@ def main() -> int:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dsu-audiosep-bench"))
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    argv = shlex.split(args.worker) if args.worker else ([str(FROZEN), "--worker"] if FROZEN.exists() else [sys.executable, "-m", "dsu_audiosep", "--worker"])
+    argv = shlex.split(args.worker) if args.worker else ([str(FROZEN), "--worker"] if FROZEN.exists() else default_argv())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str]] = []
@@ -112,7 +96,6 @@ def main() -> int:
         rows.append((name, value))
         print(f"{name:60s} {value}", flush=True)
 
-    sys.path.insert(0, str(REPO / "src"))
     from dsu_audiosep.demo.command import prepare_demo
     from dsu_audiosep.model.checkpoints import load_model
     from dsu_audiosep.model.convert import convert

@@ -16,7 +16,8 @@ import pytest
 
 from dsu_audiosep import errors
 from dsu_audiosep.errors import AudioSepError
-from dsu_audiosep.worker import loop, policy
+from dsu_audiosep.engine.torch_engine import JobOutcome, TorchEngine
+from dsu_audiosep.worker import jobs, loop, policy
 from dsu_audiosep.worker import protocol as P
 from dsu_audiosep.worker.cache import CacheEntry, ModelCache, ModelKey, file_fingerprint
 
@@ -591,7 +592,7 @@ def test_fingerprint_changes_when_file_is_replaced(tmp_path):
 def test_progress_throttle():
     sent = []
     now = [0.0]
-    rep = loop.ProgressReporter(sent.append, "p", "separating", clock=lambda: now[0])
+    rep = jobs.ProgressReporter(sent.append, "p", "separating", clock=lambda: now[0])
     rep.start()
     for i in range(1, 100):  # 1% steps, 0.01 s apart: only every 5%
         now[0] += 0.01
@@ -628,6 +629,7 @@ class FakeModel:
     def __init__(self, **kwargs):
         self.kwargs = kwargs
         self.use_torch_stft = kwargs.get("use_torch_stft", False)
+        self.sources = {}
         self.me = self  # freed only by gc.collect, like a real module graph may be
 
     def set_stft(self, use_torch_stft: bool) -> None:
@@ -646,52 +648,64 @@ class FakeOptions:
     residual_output: object = None
 
 
-class FakeEngine:
+class FakeEngine(TorchEngine):
+    """The real engine's planning (engine/resolve.py) around fake loading, probing and running:
+    no weights, no audio files. ``durations`` maps input names to the length a probe reports."""
+
     def __init__(self):
         self.loads: list[dict] = []
         self.separations: list[tuple] = []
         self.fail_next_load: BaseException | None = None
         self.separate_behaviour = None
+        self.durations: dict[str, float | None] = {}
 
-    def load_model(self, **kwargs):
+    def start(self) -> str:
+        return "0.0-fake"
+
+    def resolve_device(self, name):
+        if name in (None, "auto", "cpu"):
+            return "cpu"
+        raise AudioSepError(errors.DEVICE_UNAVAILABLE, f"no {name}")
+
+    def load_model(self, paths, plan, trust_checkpoint):
+        kwargs = dict(dataclasses.asdict(paths), device=plan.device, mmap=plan.mmap,
+                      use_torch_stft=plan.stft_value, precision=plan.precision, trust_checkpoint=trust_checkpoint)
         self.loads.append(kwargs)
         if self.fail_next_load is not None:
             exc, self.fail_next_load = self.fail_next_load, None
             raise exc
         return FakeModel(**kwargs)
 
-    def separate_file(self, model, input_path, output_path, text, options, progress=None, cancelled=None):
-        self.separations.append((model, input_path, output_path, text, options, model.use_torch_stft))
+    def probe(self, path):
+        duration = self.durations.get(os.path.basename(path), 1.0)
+        return None if duration is None else types.SimpleNamespace(frames=int(duration * 44100), samplerate=44100,
+                                                                   channels=2, duration=duration)
+
+    def separate(self, model, plan, progress, cancelled):
+        model.set_stft(plan.use_torch_stft)
+        options = FakeOptions(**{f.name: getattr(plan.options, f.name) for f in dataclasses.fields(FakeOptions)})
+        self.separations.append((model, plan.input_path, plan.output_path, plan.text, options, model.use_torch_stft))
         if self.separate_behaviour is not None:
-            return self.separate_behaviour(progress, cancelled)
+            return JobOutcome(files=self.separate_behaviour(progress, cancelled))
         for i in range(10):
             if cancelled():
                 raise AudioSepError(errors.CANCELLED, "cancelled")
             progress((i + 1) / 10)
-        return [output_path]
+        return JobOutcome(files=[plan.output_path])
 
 
 @pytest.fixture
-def fake(monkeypatch, tmp_path):
+def fake(tmp_path):
     engine = FakeEngine()
-    ckpt_mod = types.ModuleType("dsu_audiosep.model.checkpoints")
-    ckpt_mod.load_model = engine.load_model
-    sep_mod = types.ModuleType("dsu_audiosep.engine.separate")
-    sep_mod.SeparateOptions = FakeOptions
-    sep_mod.separate_file = engine.separate_file
-    monkeypatch.setitem(sys.modules, "dsu_audiosep.model.checkpoints", ckpt_mod)
-    monkeypatch.setitem(sys.modules, "dsu_audiosep.engine.separate", sep_mod)
-    monkeypatch.setattr(loop, "resolve_device", lambda name: "cpu" if name in (None, "auto", "cpu") else (
-        _ for _ in ()).throw(AudioSepError(errors.DEVICE_UNAVAILABLE, f"no {name}")))
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.ckpt").write_bytes(name.encode())
     return engine
 
 
-def make_worker(tmp_path, **settings) -> tuple[loop.Worker, ListWriter]:
+def make_worker(tmp_path, engine=None, **settings) -> tuple[loop.Worker, ListWriter]:
     writer = ListWriter()
     s = policy.Settings(**settings)
-    return loop.Worker(writer, s), writer
+    return loop.Worker(writer, s, engine=engine or FakeEngine()), writer
 
 
 def run(worker, obj) -> dict:
@@ -704,7 +718,7 @@ MODEL_LOADED_FIELDS = {"status", "elapsed", "config_path", "checkpoint_path", "c
 
 
 def test_load_model_reply_and_cache_hit(fake, tmp_path):
-    worker, writer = make_worker(tmp_path)
+    worker, writer = make_worker(tmp_path, fake)
     ckpt = str(tmp_path / "a.ckpt")
     first = run(worker, {"cmd": "load_model", "checkpoint_path": ckpt, "id": 1})
     assert first["status"] == "model_loaded", first
@@ -720,7 +734,7 @@ def test_load_model_reply_and_cache_hit(fake, tmp_path):
 
 def test_relative_paths_resolve_against_base(fake, tmp_path, monkeypatch):
     monkeypatch.setattr(policy, "base_dirs", lambda: [tmp_path])
-    worker, _ = make_worker(tmp_path)
+    worker, _ = make_worker(tmp_path, fake)
     reply = run(worker, {"cmd": "load_model", "checkpoint_path": "a.ckpt"})
     assert reply["checkpoint_path"] == str(tmp_path / "a.ckpt")
     assert fake.loads[0]["checkpoint_path"] == str(tmp_path / "a.ckpt")
@@ -728,7 +742,7 @@ def test_relative_paths_resolve_against_base(fake, tmp_path, monkeypatch):
 
 def test_default_checkpoint_beside_executable(fake, tmp_path, monkeypatch):
     monkeypatch.setattr(policy, "base_dirs", lambda: [tmp_path])
-    worker, _ = make_worker(tmp_path)
+    worker, _ = make_worker(tmp_path, fake)
     reply = run(worker, {"cmd": "load_model"})
     assert reply["code"] == errors.MISSING_FIELD and "checkpoint_path" in reply["message"]
     (tmp_path / "checkpoint").mkdir()
@@ -741,7 +755,7 @@ def test_default_checkpoint_beside_executable(fake, tmp_path, monkeypatch):
 
 
 def test_missing_and_wrong_kind_paths(fake, tmp_path):
-    worker, writer = make_worker(tmp_path)
+    worker, writer = make_worker(tmp_path, fake)
     reply = run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "none.ckpt")})
     assert reply["code"] == errors.FILE_NOT_FOUND and "none.ckpt" in reply["message"]
     reply = run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path)})
@@ -754,7 +768,7 @@ def test_missing_and_wrong_kind_paths(fake, tmp_path):
 
 
 def test_eviction_frees_model_and_failed_load_changes_nothing(fake, tmp_path):
-    worker, _ = make_worker(tmp_path)
+    worker, _ = make_worker(tmp_path, fake)
     run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "a.ckpt")})
     ref_a = weakref.ref(worker.current.model)
     reply = run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "b.ckpt")})
@@ -774,7 +788,7 @@ def test_eviction_frees_model_and_failed_load_changes_nothing(fake, tmp_path):
 
 
 def test_lru_with_two_slots(fake, tmp_path):
-    worker, _ = make_worker(tmp_path, max_cached_models=2)
+    worker, _ = make_worker(tmp_path, fake, max_cached_models=2)
     for name in ("a", "b", "a", "c"):
         run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / f"{name}.ckpt")})
     assert len(fake.loads) == 3  # the second "a" was a hit
@@ -783,7 +797,7 @@ def test_lru_with_two_slots(fake, tmp_path):
 
 
 def test_capacity_zero_still_serves_current_model(fake, tmp_path):
-    worker, _ = make_worker(tmp_path, max_cached_models=0)
+    worker, _ = make_worker(tmp_path, fake, max_cached_models=0)
     reply = run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "a.ckpt")})
     assert reply["cache_size"] == 0 and reply["max_cached_models"] == 0
     assert run(worker, {"cmd": "ping"})["model_loaded"] is True
@@ -792,7 +806,7 @@ def test_capacity_zero_still_serves_current_model(fake, tmp_path):
 
 
 def test_unload_and_clear(fake, tmp_path):
-    worker, _ = make_worker(tmp_path, max_cached_models=2)
+    worker, _ = make_worker(tmp_path, fake, max_cached_models=2)
     run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "a.ckpt")})
     run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "b.ckpt")})
     reply = run(worker, {"cmd": "unload_model", "id": 9})
@@ -804,7 +818,7 @@ def test_unload_and_clear(fake, tmp_path):
 
 
 def test_separate_reply_and_options(fake, tmp_path):
-    worker, writer = make_worker(tmp_path, chunk_seconds=12.0)
+    worker, writer = make_worker(tmp_path, fake, chunk_seconds=12.0)
     run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "a.ckpt"), "chunk_length": 4})
     writer.sent.clear()
     out = str(tmp_path / "o.wav")
@@ -827,8 +841,8 @@ def test_separate_reply_and_options(fake, tmp_path):
 
 def test_auto_stft_by_duration(fake, tmp_path, monkeypatch):
     durations = {"short.wav": 10.0, "long.wav": 61.0, "edge.wav": 60.0, "broken.wav": None}
-    monkeypatch.setattr(loop.Worker, "_duration_seconds", staticmethod(lambda p: durations[os.path.basename(p)]))
-    worker, _ = make_worker(tmp_path)
+    fake.durations.update(durations)
+    worker, _ = make_worker(tmp_path, fake)
     loaded = run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "a.ckpt"), "use_torch_stft": "auto"})
     assert loaded["use_torch_stft_mode"] == "auto" and loaded["use_torch_stft_value"] is False
     expected = {"short.wav": False, "long.wav": True, "edge.wav": True, "broken.wav": False}
@@ -842,7 +856,7 @@ def test_auto_stft_by_duration(fake, tmp_path, monkeypatch):
 
 
 def test_cancel_running_and_queued(fake, tmp_path):
-    worker, _ = make_worker(tmp_path)
+    worker, _ = make_worker(tmp_path, fake)
     run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "a.ckpt")})
 
     def cancel_midway(progress, cancelled):
@@ -881,7 +895,7 @@ def test_cancel_running_and_queued(fake, tmp_path):
     ],
 )
 def test_exceptions_become_error_replies(fake, tmp_path, exc, code):
-    worker, _ = make_worker(tmp_path)
+    worker, _ = make_worker(tmp_path, fake)
     run(worker, {"cmd": "load_model", "checkpoint_path": str(tmp_path / "a.ckpt")})
 
     def boom(progress, cancelled):

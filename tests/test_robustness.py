@@ -624,8 +624,8 @@ class BlockedJob:
     """
 
     def __init__(self, demo: dict, tmp_path: Path):
-        self.proc = subprocess.Popen(launch_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=clean_env())
+        self.client = WorkerClient(launch_argv(), reader=False, stderr=subprocess.DEVNULL)
+        self.proc = self.client.proc
         # A deadlock must fail the test, not hang it.
         self.watchdog = threading.Timer(JOB_TIMEOUT, self.proc.kill)
         self.watchdog.start()
@@ -659,19 +659,11 @@ class BlockedJob:
         return json.loads(raw)
 
     def send(self, obj: dict) -> None:
-        self.proc.stdin.write(json.dumps(obj).encode() + b"\n")
-        self.proc.stdin.flush()
+        self.client.send(obj)
 
     def close(self) -> None:
         self.watchdog.cancel()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        self.client.kill()
 
 
 linux_pipes = pytest.mark.skipif(not sys.platform.startswith("linux"),

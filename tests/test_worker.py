@@ -338,21 +338,16 @@ def test_parent_closing_stdout_ends_worker(worker_cmd):
     import subprocess
 
     read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(worker_cmd, stdin=subprocess.PIPE, stdout=write_fd, stderr=subprocess.DEVNULL,
-                            env=clean_env())
+    client = WorkerClient(worker_cmd, stdout=write_fd, stderr=subprocess.DEVNULL)
     os.close(write_fd)
     try:
         with os.fdopen(read_fd, "rb") as stdout:
             assert json.loads(stdout.readline())["status"] == "loading"
             assert json.loads(stdout.readline())["status"] == "ready"
-        proc.stdin.write(b'{"cmd":"ping"}\n{"cmd":"ping"}\n')
-        proc.stdin.flush()
-        assert proc.wait(timeout=60) == 0
+        client.send_bytes(b'{"cmd":"ping"}\n{"cmd":"ping"}\n')
+        assert client.wait_exit(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdin.close()
+        client.kill()
 
 
 # ============================================================================================
@@ -694,6 +689,7 @@ def test_evicted_real_model_is_freed_in_process(demo_model):
     # What pipes cannot show: the evicted AudioSep object is really gone after eviction.
     import weakref
 
+    from dsu_audiosep.engine.torch_engine import TorchEngine
     from dsu_audiosep.worker import loop, policy
     from dsu_audiosep.worker import protocol as P
 
@@ -701,7 +697,7 @@ def test_evicted_real_model_is_freed_in_process(demo_model):
         def send(self, obj, lock_timeout=None):
             return True
 
-    worker = loop.Worker(Sink(), policy.Settings(max_cached_models=1))
+    worker = loop.Worker(Sink(), policy.Settings(max_cached_models=1), engine=TorchEngine())
     first = worker.execute(P.parse_object(load_cmd(demo_model)))
     assert first["status"] == "model_loaded", first
     ref = weakref.ref(worker.current.model)

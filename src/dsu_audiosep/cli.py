@@ -103,38 +103,59 @@ def _separate_commands(ns: Any) -> tuple[dict, dict]:
 
 
 def _separate_main(argv: Sequence[str]) -> int:
-    import json
+    from .errors import INVALID_FIELD
 
     ns = _separate_parser().parse_args(list(argv))
-    from . import errors
-    from .worker import protocol as P
-    from .worker.loop import ReplyWriter, Worker, resolve_device
-    from .worker.policy import resolve_settings
-
-    settings = resolve_settings({})
-    # Status lines (loading_model, separating) go to stderr; the final reply is the only stdout.
-    worker = Worker(ReplyWriter(2), settings)
-    result: dict = {}
     try:
         load, job = _separate_commands(ns)
-        worker.device = resolve_device(settings.device)
-        for raw in (load, job):
-            cmd = P.parse_object({k: v for k, v in raw.items() if v is not None})
-            result = worker.execute(cmd)
-            if result.get("status") == "error":
-                break
-    except P.RequestError as exc:
-        result = P.error_reply(exc.code, exc.message)
-    except ValueError as exc:  # a flag's value
-        result = P.error_reply(errors.INVALID_FIELD, str(exc))
-    except Exception as exc:
-        from .worker.loop import describe_exception
-
-        code, message, _extra = describe_exception(exc)
-        result = P.error_reply(code, message)
-    if result.get("status") == "error":
-        sys.stderr.write(f"{PROG}: error ({result.get('code')}): {result.get('message')}\n")
+    except ValueError as exc:  # a flag's value: the same report as any other failure
+        sys.stderr.write(f"{PROG}: error ({INVALID_FIELD}): {exc}\n")
         return 1
+    return _separate_one(load, job)
+
+
+def _separate_one(load: dict[str, Any], job: dict[str, Any]) -> int:
+    """Load, plan and run one separation with the engine; the ``done`` reply on stdout."""
+    import json
+    import time
+
+    from .engine.torch_engine import TorchEngine
+    from .worker import protocol as P
+    from .worker.failures import describe_exception
+    from .worker.model_paths import check_exists, resolve_model_paths
+    from .worker.policy import resolve_settings
+
+    def command(raw: dict[str, Any]) -> Any:
+        """The fields validated as the worker validates them (same errors, same messages)."""
+        return P.parse_object({k: v for k, v in raw.items() if v is not None}).args
+
+    def status(stage: str, **fields: Any) -> None:
+        sys.stderr.write(json.dumps(P.reply(stage, **fields), ensure_ascii=True, separators=(",", ":")) + "\n")
+
+    engine = TorchEngine()
+    settings = resolve_settings({})
+    try:
+        load_args, job_args = command(load), command(job)
+        engine.start()
+        paths = resolve_model_paths(load_args)
+        load_plan = engine.plan_load(load_args, settings)
+        check_exists(paths)
+        status("loading_model", model=paths.model_dir or paths.checkpoint_path)
+        model = engine.load_model(paths, load_plan, bool(load_args.trust_checkpoint))
+        status("separating", input=job_args.input)
+        plan = engine.plan_job(job_args, load_plan)
+        started = time.perf_counter()
+        outcome = engine.separate(model, plan, progress=None, cancelled=None)
+        elapsed = time.perf_counter() - started
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # as the worker: a library's SystemExit is an error too
+        code, message, _extra = describe_exception(exc, engine.release_memory)
+        sys.stderr.write(f"{PROG}: error ({code}): {message}\n")
+        return 1
+    result = P.reply("done", elapsed=round(elapsed, 3), files=list(outcome.files),
+                     use_torch_stft_mode=plan.use_torch_stft_mode, use_torch_stft_value=plan.use_torch_stft)
+    result.update(outcome.details)
     sys.stdout.write(json.dumps(result, ensure_ascii=True) + "\n")
     return 0
 
@@ -173,6 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         # A parent passing a flag this version does not know must not lose its worker.
         sys.stderr.write(f"{PROG}: warning: ignoring unknown arguments: {' '.join(unknown)}\n")
-    from .worker.loop import run_worker
+    from .worker.process import run_worker
 
     return run_worker(_worker_flags(ns))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import queue
 import threading
 from collections import deque
@@ -24,13 +23,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import CANCELLED, INVALID_FIELD, OUT_OF_MEMORY, OUTPUT_ERROR, AudioSepError
+from ..errors import CANCELLED, OUT_OF_MEMORY, OUTPUT_ERROR, AudioSepError
+from ..model.constants import GRID, N_FFT, SAMPLE_RATE
 from .audio_read import BlockReader, probe
 from .audio_write import OutputPlan, prepare_output, same_file
+from .chunking import Window, plan_windows, seconds_to_samples
 from .output_options import OutputOptions, map_channels, output_channel_count
 from .resampling import StreamResampler, resampled_length
-from ..model.constants import GRID, N_FFT, SAMPLE_RATE
-from .chunking import DEFAULT_CONTEXT_S, Window, plan_windows, seconds_to_samples
+from .resolve import JobPlan, SeparateOptions, plan_job
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +43,6 @@ READ_BLOCK = 1 << 16
 
 
 @dataclass
-class SeparateOptions:
-    use_chunk: bool | str = False  # True | False | "auto" (chunk when duration >= chunk_seconds)
-    chunk_seconds: float = 30.0  # the "auto" threshold (seed meaning)
-    chunk_length: float | None = None  # kept centre of each chunk, seconds; None: per-device default
-    context_seconds: float = DEFAULT_CONTEXT_S  # context fed on each side of a chunk
-    output_sr: int | str = 44100
-    output_subtype: str = "PCM_16"
-    output_channels: str = "stereo"
-    mode: str = "extract"  # "extract" | "remove"
-    residual_output: str | None = None
-
-    def validate(self) -> "SeparateOptions":
-        if self.use_chunk not in (True, False, "auto"):
-            raise AudioSepError(INVALID_FIELD, f'use_chunk must be true, false or "auto", got {self.use_chunk!r}')
-        for name in ("chunk_seconds", "context_seconds"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise AudioSepError(INVALID_FIELD, f"{name} must be a non-negative number of seconds, got {v!r}")
-        if self.chunk_length is not None:
-            v = self.chunk_length
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise AudioSepError(INVALID_FIELD, f"chunk_length must be a positive number of seconds, got {v!r}")
-        if self.mode not in ("extract", "remove"):
-            raise AudioSepError(INVALID_FIELD, f'mode must be "extract" or "remove", got {self.mode!r}')
-        if self.residual_output is not None and (not isinstance(self.residual_output, str) or not self.residual_output.strip()):
-            raise AudioSepError(INVALID_FIELD, "residual_output must be a non-empty path")
-        return self
-
-
-@dataclass
 class SeparationResult:
     files: list[str]
     duration: float
@@ -81,48 +51,6 @@ class SeparationResult:
     chunk_length: float | None
     use_torch_stft: bool
     warnings: list[str] = field(default_factory=list)
-
-
-ACTIVATION_BYTES_PER_SECOND = 105e6  # measured peak of one mono second through the U-Net, float32 on CPU
-# Measured on an H100 (torch.cuda.max_memory_allocated, cuDNN workspaces included), per mono second.
-CUDA_BYTES_PER_SECOND = {torch.float32: 130e6, torch.bfloat16: 50e6, torch.float16: 50e6}
-CUDA_MAX_CHUNK = 30.72  # longer windows are no faster on an H100 and delay the first write
-
-
-def _cuda_bytes_per_second(dtype: torch.dtype) -> float:
-    return CUDA_BYTES_PER_SECOND.get(dtype, CUDA_BYTES_PER_SECOND[torch.float32])
-
-
-def _cuda_free_bytes(device: torch.device) -> int:
-    """Free memory as the caching allocator sees it: the driver's free bytes plus torch's own idle cache."""
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-
-
-def default_chunk_length(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Kept centre per window, seconds.
-
-    CPU: 9.6 s (30 grid blocks) + 2 x 0.64 s context = 10.88 s windows, one channel at a time:
-    about 0.9 GB of activations and 13% of extra work for the context (a 40 s file costs 1.13x
-    its full pass). CUDA: 30.72 s (4% context overhead; longer windows are no faster on an H100),
-    shorter if half the free memory cannot hold a stereo batch of that length.
-    """
-    if device.type == "cuda":
-        per_second = 2 * _cuda_bytes_per_second(dtype)
-        return float(max(2.56, min(CUDA_MAX_CHUNK, _cuda_free_bytes(device) * 0.5 / per_second)))
-    return 9.6
-
-
-def full_pass_limit_seconds(device: torch.device, channels: int, dtype: torch.dtype = torch.float32) -> float:
-    """Longest file separated as one window; above it the engine chunks (same output within float
-    noise, see chunking.py) rather than exhausting memory."""
-    if device.type == "cuda":
-        return _cuda_free_bytes(device) * 0.6 / (max(1, channels) * _cuda_bytes_per_second(dtype))
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # Windows: no sysconf
-        avail = 8 << 30
-    return max(30.0, avail * 0.5 / ACTIVATION_BYTES_PER_SECOND)  # CPU: one channel at a time
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -374,10 +302,23 @@ def _take(fifo: deque, n: int, channels: int) -> np.ndarray:
 def separate_file(model, input_path: str, output_path: str, text: str, options: SeparateOptions | None = None,
                   progress: Callable[[float], None] | None = None,
                   cancelled: Callable[[], bool] | None = None) -> SeparationResult:
-    """Separate the sound described by ``text`` from ``input_path`` into ``output_path``."""
+    """Separate the sound described by ``text`` from ``input_path`` into ``output_path``, with the
+    model's own STFT; chunking decided by engine/resolve.py."""
     opt = (options or SeparateOptions()).validate()
-    warnings: list[str] = []
     info = probe(input_path)
+    plan = plan_job(input_path, output_path, text, opt, info, use_torch_stft=model.use_torch_stft,
+                    auto_stft_seconds=math.inf, device=str(model.device), precision=model.precision)
+    return run_plan(model, plan, progress, cancelled)
+
+
+def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = None,
+             cancelled: Callable[[], bool] | None = None) -> SeparationResult:
+    """Run a planned job (see engine/resolve.py) on ``model``, whose STFT the caller has set."""
+    input_path, output_path, opt = plan.input_path, plan.output_path, plan.options
+    warnings: list[str] = list(plan.warnings)
+    # A file that could not be probed while planning is probed again here, so that its read
+    # error is the one reported.
+    info = plan.info if plan.info is not None else probe(input_path)
     targets = [output_path] + ([opt.residual_output] if opt.residual_output else [])
     for t in targets:
         if same_file(t, input_path):
@@ -386,15 +327,10 @@ def separate_file(model, input_path: str, output_path: str, text: str, options: 
         raise AudioSepError(OUTPUT_ERROR, "output and residual_output are the same file")
     out_opts = OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
     plans = [prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
-    cond = model.embed_text(text)
+    cond = model.embed_text(plan.text)
 
     duration = info.frames / info.samplerate
-    chunked = opt.use_chunk is True or (opt.use_chunk == "auto" and duration >= opt.chunk_seconds)
-    chunk_len = opt.chunk_length or default_chunk_length(model.device, model.dtype)
-    if not chunked and duration > full_pass_limit_seconds(model.device, min(info.channels, 2), model.dtype):
-        log.warning("%.0f s is too long for one pass on %s: separating in exact chunks instead", duration, model.device)
-        warnings.append("file too long for a single pass in memory; separated in chunks (same output within float rounding)")
-        chunked = True
+    chunked, chunk_len = plan.chunked, plan.chunk_length
     window_s = min(duration, chunk_len + 2 * opt.context_seconds) if chunked else duration
     if window_s >= RELEASE_TEXT_PAGES_S and hasattr(model, "release_text_pages"):
         # The activations of a long window would sit on top of the idle text encoder: hand its

@@ -1,23 +1,23 @@
 """Least-recently-used cache of loaded models.
 
 The key holds every choice that changes the weights in memory: the resolved absolute paths, the
-device, mmap, precision, and a fingerprint (size, modification time) of the files, so a
-checkpoint replaced on disk is loaded again instead of served stale.
+device, mmap (for checkpoints only: a converted folder is always memory-mapped, so one folder is
+cached once whatever ``mmap`` said), precision, and a fingerprint (size, modification time) of
+the files, so a checkpoint replaced on disk is loaded again instead of served stale.
 
 The STFT implementation is *not* in the key: ``AudioSep.set_stft`` switches between the
 convolution STFT and ``torch.stft`` on the loaded model without reloading anything, so the
 "auto" mode (pick by input duration) reuses one cached model for both variants. Jobs run one at
 a time and each sets the variant it needs before running, so sharing is safe.
 
-Eviction drops the cache's reference and then returns memory to the system (``gc.collect`` and
-the accelerator allocator's cache); a model still used elsewhere (the worker's current model)
-stays alive through that other reference.
+Eviction drops the cache's reference and then returns memory to the system (the engine's
+``release_memory``: ``gc.collect`` and the accelerator allocator's cache); a model still used
+elsewhere (the worker's current model) stays alive through that other reference.
 """
 from __future__ import annotations
 
 import gc
 import os
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,9 +32,13 @@ class ModelKey:
     roberta_dir: str | None
     model_dir: str | None
     device: str
-    mmap: bool
-    precision: str
+    mmap: bool = field(compare=False)  # as asked; compared through _weights_mmap
+    precision: str = "fp32"
     fingerprint: tuple = ()
+    _weights_mmap: bool | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_weights_mmap", None if self.model_dir is not None else self.mmap)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -90,29 +94,10 @@ class CacheEntry:
         return info
 
 
-def release_memory() -> None:
-    """Give freed tensors back: Python cycles first, then the accelerator's caching allocator."""
-    gc.collect()
-    torch = sys.modules.get("torch")  # never import torch just to clean up
-    if torch is None:
-        return
-    try:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-    except Exception:  # a broken driver must not turn cleanup into a failure
-        pass
-    try:
-        mps = getattr(torch, "mps", None)
-        if mps is not None and torch.backends.mps.is_available():
-            mps.empty_cache()
-    except Exception:
-        pass
-
-
 class ModelCache:
     """LRU map ModelKey -> CacheEntry holding at most ``capacity`` models (0: cache nothing)."""
 
-    def __init__(self, capacity: int = 1, release: Callable[[], None] = release_memory):
+    def __init__(self, capacity: int = 1, release: Callable[[], None] = gc.collect):
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
         self.capacity = capacity

@@ -41,10 +41,11 @@ KNOWN_COMMANDS = (
 
 # Statuses that are *not* the answer to a command: start-up lines, "still working" lines and the
 # shutdown notice. Every command gets exactly one reply whose status is not in this set.
-# (The parent app itself only waits for done / error / model_loaded / models / pong / exiting.)
 NON_TERMINAL_STATUSES = frozenset(
     {"loading", "ready", "loading_model", "separating", "progress", "shutdown"}
 )
+# The replies the parent app waits for after each of its commands (a subset of the terminal ones).
+PARENT_TERMINAL_STATUSES = frozenset({"done", "error", "model_loaded", "models", "pong", "exiting"})
 
 
 

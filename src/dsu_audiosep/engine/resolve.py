@@ -1,0 +1,273 @@
+"""Every per-device and "auto" decision, made in one place: once per load, once per job.
+
+A load gets a ``LoadPlan`` (device, mmap, precision, the STFT setting and the chunking settings
+that jobs start from); a job gets a ``JobPlan`` (STFT on or off, chunked or not, chunk length,
+context) decided from what the job asked for, the load's settings and the input file's probe.
+Replies report these records, so what a reply says is what ran.
+
+Precedence for a value: the job's field > the load's value > the worker's settings (flag,
+environment, policy file) > the built-in default. When nobody chose (the default applies), some
+defaults depend on the device; they are decided here and nowhere else.
+
+Nothing here imports torch at module level: the worker imports this before torch is loaded, and
+only the CUDA memory measurements need torch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+from ..errors import INVALID_FIELD, AudioSepError
+from .chunking import DEFAULT_CONTEXT_S
+
+log = logging.getLogger(__name__)
+
+CPU_CHUNK_LENGTH = 9.6
+CUDA_MAX_CHUNK = 30.72  # longer windows are no faster on an H100 and delay the first write
+CUDA_MIN_CHUNK = 2.56
+ACTIVATION_BYTES_PER_SECOND = 105e6  # measured peak of one mono second through the U-Net, float32 on CPU
+# Measured on an H100 (torch.cuda.max_memory_allocated, cuDNN workspaces included), per mono
+# second, by precision (tf32 computes in float32 storage).
+CUDA_BYTES_PER_SECOND = {"fp32": 130e6, "tf32": 130e6, "bf16": 50e6, "fp16": 50e6}
+
+
+@dataclass
+class SeparateOptions:
+    use_chunk: bool | str = False  # True | False | "auto" (chunk when duration >= chunk_seconds)
+    chunk_seconds: float = 30.0  # the "auto" threshold (seed meaning)
+    chunk_length: float | None = None  # kept centre of each chunk, seconds; None: per-device default
+    context_seconds: float = DEFAULT_CONTEXT_S  # context fed on each side of a chunk
+    output_sr: int | str = 44100
+    output_subtype: str = "PCM_16"
+    output_channels: str = "stereo"
+    mode: str = "extract"  # "extract" | "remove"
+    residual_output: str | None = None
+
+    def validate(self) -> "SeparateOptions":
+        if self.use_chunk not in (True, False, "auto"):
+            raise AudioSepError(INVALID_FIELD, f'use_chunk must be true, false or "auto", got {self.use_chunk!r}')
+        for name in ("chunk_seconds", "context_seconds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise AudioSepError(INVALID_FIELD, f"{name} must be a non-negative number of seconds, got {v!r}")
+        if self.chunk_length is not None:
+            v = self.chunk_length
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise AudioSepError(INVALID_FIELD, f"chunk_length must be a positive number of seconds, got {v!r}")
+        if self.mode not in ("extract", "remove"):
+            raise AudioSepError(INVALID_FIELD, f'mode must be "extract" or "remove", got {self.mode!r}')
+        if self.residual_output is not None and (not isinstance(self.residual_output, str) or not self.residual_output.strip()):
+            raise AudioSepError(INVALID_FIELD, "residual_output must be a non-empty path")
+        return self
+
+
+class WorkerDefaults(Protocol):
+    """What a load falls back to (the worker's Settings): values and which layer set each."""
+
+    device: str
+    mmap: bool
+    precision: str
+    use_torch_stft: bool | str
+    auto_stft_seconds: float
+    chunk_seconds: float
+    sources: Mapping[str, str]
+
+
+class AudioProbe(Protocol):
+    """What planning needs to know about the input file (engine.audio_read.AudioInfo)."""
+
+    frames: int
+    samplerate: int
+    channels: int
+    duration: float
+
+
+def _given(value: Any, fallback: Any) -> Any:
+    return fallback if value is None else value
+
+
+def _unchosen(job_value: Any, defaults: WorkerDefaults, name: str) -> bool:
+    """Neither the command nor a flag, the environment or the policy file set ``name``: the
+    built-in default applies, which is then picked per device."""
+    return job_value is None and defaults.sources.get(name, "default") == "default"
+
+
+def stft_mode(setting: bool | str) -> tuple[str, bool]:
+    """The original worker's (mode, value) pair: "auto" starts with the convolution STFT."""
+    if setting == "auto":
+        return "auto", False
+    return "force", bool(setting)
+
+
+# --------------------------------------------------------------------------------------------
+# Loads
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What a load_model runs with, and the settings its separate jobs start from."""
+
+    device: str
+    mmap: bool
+    precision: str
+    use_torch_stft: bool | str  # the setting: True, False or "auto"
+    auto_stft_seconds: float
+    chunk_seconds: float
+    chunk_length: float | None
+
+    @property
+    def stft_mode(self) -> str:
+        return stft_mode(self.use_torch_stft)[0]
+
+    @property
+    def stft_value(self) -> bool:
+        """The STFT the model is loaded with ("auto" loads the convolution STFT)."""
+        return stft_mode(self.use_torch_stft)[1]
+
+
+def plan_load(requested: Any, defaults: WorkerDefaults, resolve_device: Callable[[str], str]) -> LoadPlan:
+    """``requested``: the load_model fields (device, mmap, precision, use_torch_stft,
+    auto_stft_seconds, chunk_seconds, chunk_length; None = not given)."""
+    device = resolve_device(_given(requested.device, defaults.device))
+    mmap = bool(_given(requested.mmap, defaults.mmap))
+    if _unchosen(requested.mmap, defaults, "mmap"):
+        # Nobody chose: map the weights (loads in ~0.1 s instead of ~0.7 s, and on CPU the idle
+        # text encoder's pages can go back to the kernel during long separations). Not on
+        # Windows, where a mapped checkpoint could not be replaced or deleted while loaded.
+        mmap = os.name != "nt"
+    stft = _given(requested.use_torch_stft, defaults.use_torch_stft)
+    if _unchosen(requested.use_torch_stft, defaults, "use_torch_stft"):
+        # Nobody chose: pick per device from measurements. On an H100 torch.stft (cuFFT) makes
+        # the whole pass 5-20% faster than the conv STFT; on CPU the two cost the same, and the
+        # conv STFT uses the checkpoint's own kernels (the seed's default).
+        stft = device.startswith("cuda")
+    return LoadPlan(
+        device=device,
+        mmap=mmap,
+        precision=_given(requested.precision, defaults.precision),
+        use_torch_stft=stft,
+        auto_stft_seconds=float(_given(requested.auto_stft_seconds, defaults.auto_stft_seconds)),
+        chunk_seconds=float(_given(requested.chunk_seconds, defaults.chunk_seconds)),
+        chunk_length=requested.chunk_length,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What one separation runs: the files, the options asked for, and the decisions taken."""
+
+    input_path: str
+    output_path: str
+    text: str
+    options: SeparateOptions  # as requested (output format, mode, residual, context, chunking asks)
+    info: AudioProbe | None  # the input's probe; None when unreadable (the run then says why)
+    use_torch_stft_mode: str  # "auto" or "force"
+    use_torch_stft: bool
+    chunked: bool
+    chunk_length: float  # kept centre per window when chunked (also the base of OOM retries)
+    warnings: tuple[str, ...] = ()
+
+
+def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
+    """The separate fields over the load's values; fields left None take SeparateOptions' defaults."""
+    wanted: dict[str, Any] = {
+        "use_chunk": _given(requested.use_chunk, False),
+        "chunk_seconds": _given(requested.chunk_seconds, load.chunk_seconds),
+        "chunk_length": _given(requested.chunk_length, load.chunk_length),
+        "context_seconds": requested.context_seconds,
+        "output_sr": requested.output_sr,
+        "output_subtype": requested.output_subtype,
+        "output_channels": requested.output_channels,
+        "mode": requested.mode,
+        "residual_output": os.path.expanduser(requested.residual_output) if requested.residual_output else None,
+    }
+    return SeparateOptions(**{k: v for k, v in wanted.items() if v is not None}).validate()
+
+
+def plan_job(input_path: str, output_path: str, text: str, options: SeparateOptions, info: AudioProbe | None, *,
+             use_torch_stft: bool | str, auto_stft_seconds: float, device: str, precision: str) -> JobPlan:
+    """Decide the STFT and the chunking of one job. ``use_torch_stft`` is the setting in force
+    (True, False or "auto": torch.stft from ``auto_stft_seconds`` of input on)."""
+    duration = info.duration if info is not None else None
+    mode, stft = stft_mode(use_torch_stft)
+    if mode == "auto":
+        stft = duration is not None and duration >= auto_stft_seconds
+    chunked = options.use_chunk is True or (
+        options.use_chunk == "auto" and duration is not None and duration >= options.chunk_seconds
+    )
+    chunk_length = options.chunk_length or default_chunk_length(device, precision)
+    warnings: list[str] = []
+    if not chunked and info is not None and duration > full_pass_limit_seconds(device, min(info.channels, 2), precision):
+        log.warning("%.0f s is too long for one pass on %s: separating in exact chunks instead", duration, device)
+        warnings.append("file too long for a single pass in memory; separated in chunks (same output within float rounding)")
+        chunked = True
+    return JobPlan(input_path=input_path, output_path=output_path, text=text, options=options, info=info,
+                   use_torch_stft_mode=mode, use_torch_stft=stft, chunked=chunked, chunk_length=chunk_length,
+                   warnings=tuple(warnings))
+
+
+def plan_requested_job(requested: Any, load: LoadPlan, probe: Callable[[str], AudioProbe | None]) -> JobPlan:
+    """A worker job: ``requested`` holds the separate fields (input, output, text, the options;
+    None = not given), ``load`` the values they fall back to, ``probe`` reads the input's length."""
+    input_path = os.path.expanduser(requested.input)
+    return plan_job(
+        input_path, os.path.expanduser(requested.output), requested.text, job_options(requested, load),
+        probe(input_path),
+        use_torch_stft=_given(requested.use_torch_stft, load.use_torch_stft),
+        auto_stft_seconds=_given(requested.auto_stft_seconds, load.auto_stft_seconds),
+        device=load.device, precision=load.precision,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Per-device memory budgets
+
+
+def _is_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def _cuda_bytes_per_second(precision: str) -> float:
+    return CUDA_BYTES_PER_SECOND.get(precision, CUDA_BYTES_PER_SECOND["fp32"])
+
+
+def _cuda_free_bytes(device: str) -> int:
+    """Free memory as the caching allocator sees it: the driver's free bytes plus torch's own idle cache."""
+    import torch
+
+    dev = torch.device(device)
+    free, _total = torch.cuda.mem_get_info(dev)
+    return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+
+
+def default_chunk_length(device: str, precision: str = "fp32") -> float:
+    """Kept centre per window, seconds.
+
+    CPU: 9.6 s (30 grid blocks) + 2 x 0.64 s context = 10.88 s windows, one channel at a time:
+    about 0.9 GB of activations and 13% of extra work for the context (a 40 s file costs 1.13x
+    its full pass). CUDA: 30.72 s (4% context overhead; longer windows are no faster on an H100),
+    shorter if half the free memory cannot hold a stereo batch of that length.
+    """
+    if _is_cuda(device):
+        per_second = 2 * _cuda_bytes_per_second(precision)
+        return float(max(CUDA_MIN_CHUNK, min(CUDA_MAX_CHUNK, _cuda_free_bytes(device) * 0.5 / per_second)))
+    return CPU_CHUNK_LENGTH
+
+
+def full_pass_limit_seconds(device: str, channels: int, precision: str = "fp32") -> float:
+    """Longest file separated as one window; above it the engine chunks (same output within float
+    noise, see chunking.py) rather than exhausting memory."""
+    if _is_cuda(device):
+        return _cuda_free_bytes(device) * 0.6 / (max(1, channels) * _cuda_bytes_per_second(precision))
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # Windows: no sysconf
+        avail = 8 << 30
+    return max(30.0, avail * 0.5 / ACTIVATION_BYTES_PER_SECOND)  # CPU: one channel at a time
