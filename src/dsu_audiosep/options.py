@@ -19,6 +19,7 @@ This module is a leaf: it imports nothing of the package but ``errors``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable
 
@@ -148,6 +149,8 @@ def _sample_rate(low: int, high: int) -> Callable[[Any, bool], Any]:
             return "input"
         if lenient and isinstance(value, str) and value.strip().isdigit():
             value = int(value.strip())
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)  # numpy integers from Python callers
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -225,6 +228,14 @@ class Setting:
         if checked is None:
             raise ValueError(f"{self.name} must be {self.kind.expected}, got {value!r}")
         return checked
+
+    def from_python(self, value: Any) -> Any:
+        """A Python caller's value (the API's keywords) -> canonical value; lenient like text, and
+        an ``AudioSepError(INVALID_FIELD)`` like JSON."""
+        try:
+            return self.from_text(value)
+        except ValueError as exc:
+            raise AudioSepError(INVALID_FIELD, str(exc)) from None
 
 
 LOAD, SEPARATE = "load_model", "separate"

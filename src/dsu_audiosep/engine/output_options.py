@@ -25,6 +25,7 @@ import numpy as np
 
 from dsu_audiosep.errors import INVALID_FIELD, AudioSepError
 
+from ..options import BY_NAME
 from .audio_read import PathLike
 
 __all__ = [
@@ -33,12 +34,6 @@ __all__ = [
 ]
 
 OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG", ".aiff": "AIFF", ".aif": "AIFF"}
-_SUBTYPE_ALIASES = {
-    "PCM_16": "PCM_16", "PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16",
-    "PCM_24": "PCM_24", "PCM24": "PCM_24", "24": "PCM_24", "INT24": "PCM_24",
-    "FLOAT": "FLOAT", "FLOAT32": "FLOAT", "F32": "FLOAT", "32F": "FLOAT",
-}
-_MIN_SR, _MAX_SR = 1000, 768000
 
 
 def output_format_for(path: PathLike) -> str:
@@ -97,40 +92,15 @@ def container_subtype(fmt: str, subtype: str, path: str) -> str:
 class OutputOptions:
     """How separated audio is written. ``validate()`` normalises aliases in place and returns self."""
 
-    samplerate: int | str = 44100   # Hz, or "input" for the input's rate
-    subtype: str = "PCM_16"         # "PCM_16" | "PCM_24" | "FLOAT" (aliases "16", "24", "float")
-    channels: str = "stereo"        # "stereo" | "input"
+    samplerate: int | str = BY_NAME["output_sr"].default  # Hz, or "input" for the input's rate
+    subtype: str = BY_NAME["output_subtype"].default  # "PCM_16" | "PCM_24" | "FLOAT" (or an alias)
+    channels: str = BY_NAME["output_channels"].default  # "stereo" | "input"
 
     def validate(self) -> "OutputOptions":
-        sr = self.samplerate
-        if isinstance(sr, str) and sr.strip().lower() == "input":
-            self.samplerate = "input"
-        else:
-            value = None
-            if isinstance(sr, (int, np.integer)) and not isinstance(sr, bool):
-                value = int(sr)
-            elif isinstance(sr, float) and sr.is_integer():
-                value = int(sr)
-            elif isinstance(sr, str) and sr.strip().isdigit():
-                value = int(sr.strip())
-            if value is None or not _MIN_SR <= value <= _MAX_SR:
-                raise AudioSepError(
-                    INVALID_FIELD,
-                    f"output_sr must be an integer from {_MIN_SR} to {_MAX_SR} Hz or \"input\", got {sr!r}",
-                )
-            self.samplerate = value
-        st = self.subtype
-        key = str(st).strip().upper() if isinstance(st, (str, int)) and not isinstance(st, bool) else None
-        if key not in _SUBTYPE_ALIASES:
-            raise AudioSepError(
-                INVALID_FIELD, f"output_subtype must be \"PCM_16\", \"PCM_24\" or \"FLOAT\", got {st!r}"
-            )
-        self.subtype = _SUBTYPE_ALIASES[key]
-        ch = self.channels
-        mode = ch.strip().lower() if isinstance(ch, str) else None
-        if mode not in ("stereo", "input"):
-            raise AudioSepError(INVALID_FIELD, f"output_channels must be \"stereo\" or \"input\", got {ch!r}")
-        self.channels = mode
+        """Each value checked and made canonical by its setting in the options table."""
+        self.samplerate = BY_NAME["output_sr"].from_python(self.samplerate)
+        self.subtype = BY_NAME["output_subtype"].from_python(self.subtype)
+        self.channels = BY_NAME["output_channels"].from_python(self.channels)
         return self
 
     def resolved_samplerate(self, input_samplerate: int) -> int:

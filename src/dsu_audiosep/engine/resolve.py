@@ -15,13 +15,12 @@ only the CUDA memory measurements need torch.
 from __future__ import annotations
 
 import logging
-import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
-from ..errors import INVALID_FIELD, AudioSepError
-from .chunking import DEFAULT_CONTEXT_S
+from .. import options
 
 log = logging.getLogger(__name__)
 
@@ -34,33 +33,31 @@ ACTIVATION_BYTES_PER_SECOND = 105e6  # measured peak of one mono second through 
 CUDA_BYTES_PER_SECOND = {"fp32": 130e6, "tf32": 130e6, "bf16": 50e6, "fp16": 50e6}
 
 
+def _default(name: str) -> Any:
+    return options.BY_NAME[name].default
+
+
 @dataclass
 class SeparateOptions:
-    use_chunk: bool | str = False  # True | False | "auto" (chunk when duration >= chunk_seconds)
-    chunk_seconds: float = 30.0  # the "auto" threshold (seed meaning)
+    """How one file is separated; the defaults are the options table's."""
+
+    use_chunk: bool | str = _default("use_chunk")  # True | False | "auto" (chunk from chunk_seconds on)
+    chunk_seconds: float = _default("chunk_seconds")  # the "auto" threshold (seed meaning)
     chunk_length: float | None = None  # kept centre of each chunk, seconds; None: per-device default
-    context_seconds: float = DEFAULT_CONTEXT_S  # context fed on each side of a chunk
-    output_sr: int | str = 44100
-    output_subtype: str = "PCM_16"
-    output_channels: str = "stereo"
-    mode: str = "extract"  # "extract" | "remove"
+    context_seconds: float = _default("context_seconds")  # context fed on each side of a chunk
+    output_sr: int | str = _default("output_sr")
+    output_subtype: str = _default("output_subtype")
+    output_channels: str = _default("output_channels")
+    mode: str = _default("mode")  # "extract" | "remove"
     residual_output: str | None = None
 
     def validate(self) -> "SeparateOptions":
-        if self.use_chunk not in (True, False, "auto"):
-            raise AudioSepError(INVALID_FIELD, f'use_chunk must be true, false or "auto", got {self.use_chunk!r}')
-        for name in ("chunk_seconds", "context_seconds"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise AudioSepError(INVALID_FIELD, f"{name} must be a non-negative number of seconds, got {v!r}")
-        if self.chunk_length is not None:
-            v = self.chunk_length
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise AudioSepError(INVALID_FIELD, f"chunk_length must be a positive number of seconds, got {v!r}")
-        if self.mode not in ("extract", "remove"):
-            raise AudioSepError(INVALID_FIELD, f'mode must be "extract" or "remove", got {self.mode!r}')
-        if self.residual_output is not None and (not isinstance(self.residual_output, str) or not self.residual_output.strip()):
-            raise AudioSepError(INVALID_FIELD, "residual_output must be a non-empty path")
+        """For Python callers (the API's way in): each given value checked and made canonical by
+        its setting in the options table. The worker's fields were checked by the protocol."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                setattr(self, f.name, options.BY_NAME[f.name].from_python(value))
         return self
 
 
@@ -188,7 +185,8 @@ def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
         "mode": requested.mode,
         "residual_output": os.path.expanduser(requested.residual_output) if requested.residual_output else None,
     }
-    return SeparateOptions(**{k: v for k, v in wanted.items() if v is not None}).validate()
+    # the protocol checked every field on the way in: nothing to validate again
+    return SeparateOptions(**{k: v for k, v in wanted.items() if v is not None})
 
 
 def plan_job(input_path: str, output_path: str, text: str, options: SeparateOptions, info: AudioProbe | None, *,

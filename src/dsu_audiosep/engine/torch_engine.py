@@ -16,7 +16,6 @@ Nothing heavy is imported at module level: the worker builds its engine before t
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
