@@ -76,7 +76,7 @@ class TorchEngine:
         if paths.model_dir is not None:
             # A converted folder: load it directly (load_model would check the precision here
             # and again in load_converted, and mmap does not apply: safetensors always maps).
-            from ..model.convert import load_converted
+            from ..model.converted import load_converted
 
             read_config(paths.config_path)
             return load_converted(paths.model_dir, device=plan.device, use_torch_stft=plan.stft_value,
