@@ -13,7 +13,7 @@
 #
 #   scripts/test.sh                 all four steps
 #   scripts/test.sh --no-frozen     steps 2 and 4, frozen tests skipped (no build needed)
-#   scripts/test.sh -- ARGS...      extra pytest arguments for step 2 (e.g. -k ping, -x)
+#   scripts/test.sh -- ARGS...      extra pytest arguments for step 2 only (e.g. -k ping, -x)
 #
 # Python: $PYTHON, else the repo's .venv, else python3. Ends with one summary line
 # "summary: N passed, N failed, N skipped" over all pytest runs.
@@ -78,7 +78,7 @@ if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; the
   echo "== test.sh: numerics tests with AVX2-only kernels (scripts/avx2_only.env)"
   mapfile -t avx2_vars < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' scripts/avx2_only.env)
   export "${avx2_vars[@]}"
-  run_pytest numerics-avx2 -m "numerics and not slow" ${extra[@]+"${extra[@]}"}
+  run_pytest numerics-avx2 -m "numerics and not slow"
   unset "${avx2_vars[@]%%=*}"
 fi
 
