@@ -82,3 +82,18 @@ def assert_same_function(actual, expected, ulps: int = FLOAT32_PATHS_ULPS) -> No
     peak = max(float(np.abs(e).max(initial=0.0)), np.finfo(np.float32).tiny)
     err = float(np.abs(a - e).max(initial=0.0))
     assert err <= ulps * FLOAT32_EPS * peak, f"max difference {err:.3g} = {err / (FLOAT32_EPS * peak):.1f} ulps of the peak {peak:.3g} (allowed {ulps})"
+
+
+def exited_process_owner():
+    """The partial-file owner of a process that has exited (its start time read while it ran):
+    what a worker killed outright leaves behind."""
+    import subprocess
+    import sys
+
+    from dsu_audiosep.engine import partials
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    start = partials.process_start(proc.pid)
+    proc.communicate(b"")
+    me = partials.this_process()
+    return partials.Owner(me.host, me.boot, proc.pid, start or 0)

@@ -2,12 +2,13 @@
 thread, the parent watch. The same behaviour over real pipes is in test_lifecycle.py."""
 from __future__ import annotations
 
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
+
+from conftest import exited_process_owner
 
 from dsu_audiosep.engine import audio_write, partials
 from dsu_audiosep.worker import heartbeat as hb
@@ -38,18 +39,10 @@ def test_other_names_have_no_owner(name):
     assert partials.parse(name) is None
 
 
-def _exited_process_owner() -> partials.Owner:
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    start = partials.process_start(proc.pid)
-    proc.communicate(b"")
-    me = partials.this_process()
-    return partials.Owner(me.host, me.boot, proc.pid, start or 0)
-
-
 def test_owner_gone_only_when_provable():
     me = partials.this_process()
     assert not partials.owner_gone(me)
-    assert partials.owner_gone(_exited_process_owner())
+    assert partials.owner_gone(exited_process_owner())
     assert not partials.owner_gone(partials.Owner("00000000", me.boot, 999_999_999, 1))  # another host
     if sys.platform.startswith("linux"):
         assert me.start > 0 and me.boot != "0"
@@ -59,7 +52,7 @@ def test_owner_gone_only_when_provable():
 
 
 def test_sweep_keeps_what_this_process_writes(tmp_path):
-    dead = _exited_process_owner()
+    dead = exited_process_owner()
     stale = tmp_path / partials.partial_name("a.wav", dead)
     kept = tmp_path / partials.partial_name("b.wav", dead)
     for p in (stale, kept):
@@ -72,7 +65,7 @@ def test_sweep_keeps_what_this_process_writes(tmp_path):
 def test_atomic_writer_sweeps_its_folder_and_names_itself(tmp_path):
     import numpy as np
 
-    stale = tmp_path / partials.partial_name("old.wav", _exited_process_owner())
+    stale = tmp_path / partials.partial_name("old.wav", exited_process_owner())
     stale.write_bytes(b"x")
     with audio_write.AtomicWriter(tmp_path / "new.wav", 44100, 2) as w:
         assert not stale.exists()

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import exited_process_owner
 from worker_client import NON_TERMINAL, WorkerClient, clean_env, worker_argv
 
 from dsu_audiosep.engine import partials
@@ -185,19 +186,10 @@ def test_stale_partials_are_swept_never_a_live_workers(spawn, demo, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["b1.wav", "b2.wav"]
 
 
-def _dead_owner() -> partials.Owner:
-    """The owner token of a process that has exited (start time read while it ran)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    start = partials.process_start(proc.pid)
-    proc.communicate(b"")
-    me = partials.this_process()
-    return partials.Owner(me.host, me.boot, proc.pid, start or 0)
-
-
 def test_worker_start_sweeps_its_folder(spawn, tmp_path):
     me = partials.this_process()
     owners = {
-        "dead": _dead_owner(),
+        "dead": exited_process_owner(),
         "reused_pid": partials.Owner(me.host, me.boot, me.pid, me.start + 1),  # a live pid, other start
         "live": me,  # this test process: alive
         "other_host": partials.Owner("00000000", me.boot, 1, 0),

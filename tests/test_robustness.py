@@ -37,7 +37,7 @@ import pytest
 import soundfile as sf
 
 import bad_inputs as bad
-from worker_client import NON_TERMINAL, WorkerClient, clean_env, worker_argv
+from worker_client import NON_TERMINAL, WorkerClient, worker_argv
 
 POSIX = os.name == "posix"
 IS_ROOT = POSIX and os.geteuid() == 0

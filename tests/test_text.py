@@ -10,7 +10,6 @@ Oracles:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from contextlib import contextmanager

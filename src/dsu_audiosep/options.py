@@ -25,8 +25,6 @@ from typing import Any, Callable
 
 from .errors import INVALID_FIELD, AudioSepError
 
-NOT_GIVEN = None  # JSON null and an absent field both mean "not given": the next layer decides
-
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
