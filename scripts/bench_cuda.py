@@ -2,6 +2,7 @@
 """CUDA checks and benchmark rows, for a machine with an NVIDIA GPU.
 
     python scripts/bench_cuda.py --fixtures tests/fixtures --out results/
+    python scripts/bench_cuda.py --quick --out results/    # issue 15: <= 6 min on an H100/H200
 
 Runs from a source checkout (PYTHONPATH=src is set for the worker it spawns) with whatever torch
 the machine has. Sections, each independent (a failing one is reported and the rest go on):
@@ -13,7 +14,12 @@ the machine has. Sections, each independent (a failing one is reported and the r
 - e2e: ``separate_file`` on 4 s, 40 s and 10 min stereo 44.1 kHz files (warm, median), with the
   time spent in forward passes split out;
 - worker: the worker over pipes (``python -m dsu_audiosep --worker``, device cuda), the
-  ``elapsed`` of its replies.
+  ``elapsed`` of its replies;
+- quick (``--quick``, alone): the original network under PyTorch's defaults (the proxy of
+  scripts/original_proxy.py) against our worker in each precision, on a 40 s and a 10-minute file,
+  with fidelity against the exact CPU reference and against the original, and the CUDA default
+  that scripts/cuda_default.py's rule picks from them. With ``--device cpu`` it runs on 4 s and
+  8 s files as a dry run of the command.
 
 The model is written from the checkpoint manifests with the deterministic synthetic weights
 (speed does not depend on the weights' values). Prints a table last; JSON rows go to --out.
@@ -240,6 +246,99 @@ def section_worker(paths, work: Path, durations, reps: int, device: str, precisi
     w.close()
 
 
+QUICK_DURATIONS = {"cuda": "40,600", "cpu": "4,8"}  # the CPU fallback only proves the command runs
+
+
+def _stereo_32k(path: Path, device: str) -> torch.Tensor:
+    from dsu_audiosep.engine.audio_read import read_audio
+    from dsu_audiosep.engine.resampling import resample
+
+    x, sr = read_audio(path)
+    return torch.from_numpy(resample(x, sr, 32000)).to(device)
+
+
+def _per_channel(fn, x: torch.Tensor) -> torch.Tensor:
+    """The original separates one mono signal per call: run each channel through ``fn``."""
+    return torch.cat([fn(x[c : c + 1]) for c in range(x.shape[0])])
+
+
+def section_quick(paths, device: str, work: Path, fixtures: Path, durations, reps: int) -> None:
+    """Issue 15 in one run: (a) the original network as the original runs it on CUDA (PyTorch's
+    defaults, torch.stft; scripts/original_proxy.py), (b) our worker in each precision, (c) each
+    one's SNR against the exact CPU reference and against (a); then the default the rule picks."""
+    from cuda_default import CANDIDATES, Measured, choose_cuda_default
+    from original_proxy import original_separate
+
+    cuda = device.startswith("cuda")
+    precisions = list(MODES) if cuda else list(CANDIDATES)  # bf16/fp16 are CUDA modes
+    row("quick", "PyTorch defaults the original runs under",
+        f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
+    fx = dict(np.load(fixtures / "public" / "sep_6p4s.npz"))
+    fx_x, fx_ref = torch.from_numpy(fx["mixture"])[None].to(device), fx["out_torchstft"]
+    cond = torch.from_numpy(fx["condition"])
+    inputs = {secs: make_input(work / f"in_{secs:g}s.wav", secs) for secs in durations}
+    longest = max(durations)
+    snr_ref, net, orig_out = {}, {}, {}
+    for name in ["original"] + precisions:  # in-process network rows, one model at a time
+        m = load(paths, device, "fp32" if name == "original" else name, use_torch_stft=True)
+        fn = (lambda w: original_separate(m.ss_model, w, cond)) if name == "original" else (lambda w: m.separate(w, cond))
+        snr_ref[name] = snr_db(fx_ref, fn(fx_x)[0].float().cpu().numpy())
+        row("quick", f"{name}: SNR vs the exact CPU reference (sep_6p4s)", f"{snr_ref[name]:.1f} dB")
+        for secs, path in inputs.items():
+            x = _stereo_32k(path, device)
+            try:
+                net[name, secs] = gpu_median(lambda: _per_channel(fn, x), reps)
+                y = _per_channel(fn, x).float().cpu().numpy()
+            except torch.OutOfMemoryError:
+                row("quick", f"{name}: network, whole {secs:g} s file per channel", "OOM")
+                torch.cuda.empty_cache()
+                continue
+            extra = ""
+            if name == "original":
+                orig_out[secs] = y
+            elif secs in orig_out:
+                extra = f", SNR vs (a) {snr_db(orig_out[secs], y):.1f} dB"
+            row("quick", f"{name}: network, whole {secs:g} s stereo file one channel at a time",
+                f"{net[name, secs]:.3f} s ({secs / net[name, secs]:.1f}x real time){extra}", seconds=net[name, secs])
+            del x
+        del m
+        if cuda:
+            torch.cuda.empty_cache()
+    elapsed = _quick_worker_rows(paths, device, work, inputs, precisions, reps, net)
+    if ("original", longest) not in net:
+        row("quick", "decision", "the original's network did not run on the longest file: no decision")
+        return
+    capability = torch.cuda.get_device_capability() if cuda else (8, 0)
+    choice, reasons = choose_cuda_default(
+        Measured("original", net["original", longest], snr_ref["original"]),
+        {p: Measured(p, elapsed[p], snr_ref[p]) for p in CANDIDATES if p in elapsed}, capability)
+    where = f"compute capability {capability[0]}.{capability[1]}" if cuda else "CPU dry run, rule applied as on an Ampere GPU"
+    row("quick", f"decision ({where}, {longest:g} s file)", f"default precision: {choice}", reasons=reasons)
+
+
+def _quick_worker_rows(paths, device, work, inputs, precisions, reps, net) -> dict[str, float]:
+    """(b): the worker over pipes, warm, each precision; the whole job against its network time."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    w = Worker(default_argv(), env=env)
+    longest, elapsed = max(inputs), {}
+    try:
+        for p in precisions:
+            w.call({"cmd": "load_model", "model_dir": paths["model_dir"], "device": device, "precision": p})
+            for secs, path in inputs.items():
+                cmd = {"cmd": "separate", "input": str(path), "output": str(work / "quick_out.wav"), "text": "vocals",
+                       "use_chunk": "auto"}
+                w.call(cmd)
+                t = statistics.median(w.call(cmd)["elapsed"] for _ in range(reps))
+                ratio = f", {t / net[p, secs]:.2f}x its network time" if (p, secs) in net else ""
+                row("quick", f"{p}: worker, warm separate {secs:g} s stereo 44.1 kHz (elapsed)",
+                    f"{t:.3f} s ({secs / t:.1f}x real time){ratio}", seconds=t)
+                if secs == longest:
+                    elapsed[p] = t
+    finally:
+        w.close()
+    return elapsed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", default=str(REPO / "tests" / "fixtures"))
@@ -255,7 +354,14 @@ def main() -> int:
     ap.add_argument("--worker-precisions", default="fp32,tf32,fp16")
     ap.add_argument("--long-durations", default="", help="worker rows run once per precision (e.g. 3600)")
     ap.add_argument("--cudnn-benchmark", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="issue 15's one prepared run: the original's network vs our worker in each precision, "
+                         "fidelity, and the CUDA default the rule picks (40 s and 10 min files; 4 s and 8 s on CPU)")
     args = ap.parse_args()
+    if args.quick:
+        args.sections = "quick"
+        if "--durations" not in sys.argv:
+            args.durations = QUICK_DURATIONS["cuda" if args.device.startswith("cuda") else "cpu"]
     work, fixtures = Path(args.work), Path(args.fixtures)
     modes = args.modes.split(",")
     durations = [float(s) for s in args.durations.split(",")]
@@ -273,6 +379,7 @@ def main() -> int:
     paths = prepare_model(work, fixtures, args.device)
     row("info", "model files written", f"{time.perf_counter() - t:.1f} s")
     sections = {
+        "quick": lambda: section_quick(paths, args.device, work, fixtures, durations, args.reps),
         "parity": lambda: section_parity(paths, args.device, fixtures),
         "io": lambda: section_io(work),
         "network": lambda: section_network(paths, args.device, shapes, modes, args.reps),

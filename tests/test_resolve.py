@@ -50,3 +50,26 @@ def test_converted_folder_is_cached_once_whatever_mmap_said():
     assert ModelKey(model_dir="/md", mmap=True, **fields) == ModelKey(model_dir="/md", mmap=False, **fields)
     ckpt = dict(fields, checkpoint_path="/a.ckpt", model_dir=None)
     assert ModelKey(mmap=True, **ckpt) != ModelKey(mmap=False, **ckpt)
+
+
+@pytest.mark.parametrize("device,capability,expected", [
+    ("cpu", None, "fp32"), ("mps", None, "fp32"),
+    ("cuda", (7, 5), "fp32"),  # Turing: no TF32, fp32 is the only float32 mode
+    ("cuda:1", (8, 0), resolve.TF32_GPU_DEFAULT_PRECISION), ("cuda", (9, 0), resolve.TF32_GPU_DEFAULT_PRECISION),
+])
+def test_default_precision_per_device(device, capability, expected):
+    assert resolve.default_precision(device, capability) == expected
+
+
+def test_precision_default_only_when_nobody_chose():
+    asked = []
+
+    def capability(device):
+        asked.append(device)
+        return (7, 0)  # a pre-Ampere GPU: whatever the TF32 default, this one runs fp32
+
+    plan = resolve.plan_load(P.LoadModelArgs(), Settings(sources={}), devices, capability)
+    assert plan.precision == "fp32" and asked == ["cuda"]
+    chosen = Settings(precision="tf32", sources={"precision": "flag"})
+    assert resolve.plan_load(P.LoadModelArgs(), chosen, devices, capability).precision == "tf32"
+    assert resolve.plan_load(P.LoadModelArgs(precision="bf16"), chosen, devices, capability).precision == "bf16"

@@ -263,7 +263,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("chunk_length", SECONDS, None, "kept centre of each chunk, seconds", (LOAD, SEPARATE),
             per_device="30.72 s on CUDA (less when GPU memory is short), 9.6 s elsewhere"),
     Setting("precision", choice(*PRECISIONS), "fp32", "fp32 (exact), tf32 (CUDA matrix units), bf16 or fp16",
-            (LOAD,), worker=True),
+            (LOAD,), worker=True, per_device="fp32; on GPUs with TF32 (Ampere and newer) the measured CUDA default "
+            "(engine/resolve.py; fp32 until its GPU run)"),
     Setting("trust_checkpoint", BOOL, False, "unpickle without weights_only (runs code from the file)", (LOAD,),
             cli=""),
     # separate

@@ -33,6 +33,35 @@ ACTIVATION_BYTES_PER_SECOND = 105e6  # measured peak of one mono second through 
 CUDA_BYTES_PER_SECOND = {"fp32": 130e6, "tf32": 130e6, "bf16": 50e6, "fp16": 50e6}
 
 
+# Precision when nobody chose one. Strict fp32 is exact on every device. On CUDA GPUs with TF32
+# matrix units (compute capability 8.0, Ampere, and newer) the default is the mode measured to be
+# at least as fast as the original on that GPU and no further from the exact CPU result than the
+# original is there (scripts/cuda_default.py is the rule, `bench_cuda.py --quick` the run).
+# That run is pending (no GPU has been lent since the rule was written): strict fp32 until it has run.
+TF32_MIN_CAPABILITY = (8, 0)
+TF32_GPU_DEFAULT_PRECISION = "fp32"
+
+
+def default_precision(device: str, capability: tuple[int, int] | None) -> str:
+    """The precision a load runs in when no command, flag, environment or policy chose one;
+    ``capability``: the CUDA device's compute capability (None elsewhere)."""
+    if _is_cuda(device) and capability is not None and tuple(capability) >= TF32_MIN_CAPABILITY:
+        return TF32_GPU_DEFAULT_PRECISION
+    return "fp32"
+
+
+def cuda_capability(device: str) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device; None for other devices (and where CUDA is absent)."""
+    if not _is_cuda(device):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+
+
 def _default(name: str) -> Any:
     return options.BY_NAME[name].default
 
@@ -125,10 +154,14 @@ class LoadPlan:
         return stft_mode(self.use_torch_stft)[1]
 
 
-def plan_load(requested: Any, defaults: WorkerDefaults, resolve_device: Callable[[str], str]) -> LoadPlan:
+def plan_load(requested: Any, defaults: WorkerDefaults, resolve_device: Callable[[str], str],
+              capability: Callable[[str], tuple[int, int] | None] = cuda_capability) -> LoadPlan:
     """``requested``: the load_model fields (device, mmap, precision, use_torch_stft,
     auto_stft_seconds, chunk_seconds, chunk_length; None = not given)."""
     device = resolve_device(_given(requested.device, defaults.device))
+    precision = _given(requested.precision, defaults.precision)
+    if _unchosen(requested.precision, defaults, "precision"):
+        precision = default_precision(device, capability(device))
     mmap = bool(_given(requested.mmap, defaults.mmap))
     if _unchosen(requested.mmap, defaults, "mmap"):
         # Nobody chose: map the weights (loads in ~0.1 s instead of ~0.7 s, and on CPU the idle
@@ -144,7 +177,7 @@ def plan_load(requested: Any, defaults: WorkerDefaults, resolve_device: Callable
     return LoadPlan(
         device=device,
         mmap=mmap,
-        precision=_given(requested.precision, defaults.precision),
+        precision=precision,
         use_torch_stft=stft,
         auto_stft_seconds=float(_given(requested.auto_stft_seconds, defaults.auto_stft_seconds)),
         chunk_seconds=float(_given(requested.chunk_seconds, defaults.chunk_seconds)),

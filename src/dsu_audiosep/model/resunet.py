@@ -211,6 +211,12 @@ class ResUNet30Base(nn.Module):
         mag, cos_in, sin_in = self.spectrogram(wav)
         # In reduced precision only the U-Net runs in bf16/fp16; spectra and masks stay float32.
         maps = self.mask(mag.to(self.pre_conv.weight.dtype), betas).float()
+        return self.apply_maps(maps, mag, cos_in, sin_in, length)
+
+    def apply_maps(self, maps: torch.Tensor, mag: torch.Tensor, cos_in: torch.Tensor, sin_in: torch.Tensor,
+                   length: int) -> torch.Tensor:
+        """The network's three maps applied to the mixture's spectrum: magnitude mask and phase
+        rotation, then the inverse STFT back to ``length`` samples."""
         mask_mag = torch.sigmoid(maps[:, 0:1])
         rot_real = torch.tanh(maps[:, 1:2])
         rot_imag = torch.tanh(maps[:, 2:3])
