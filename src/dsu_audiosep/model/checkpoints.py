@@ -10,7 +10,8 @@ Accepted inputs (any combination that yields a full model):
 
 Text-branch precedence follows the original build order, where each later load overwrites the
 earlier: roberta folder weights < CLAP file < AudioSep file. Only the tensors inference uses are
-kept (the HTSAT audio branch and the contrastive heads are skipped).
+kept (the contrastive heads are skipped; the HTSAT audio branch is read only on the first audio
+query, see audio_loader.py).
 
 Pickles are opened with ``weights_only=True``. A file that needs arbitrary code to unpickle is
 refused with ``unsafe_checkpoint`` unless the caller passes ``trust_checkpoint=True``, in which case
@@ -340,4 +341,7 @@ def load_model(
     model = AudioSep.from_weights(ss, conv, text_sd, tokenizer, rcfg, use_torch_stft=use_torch_stft)
     model.sources = {"checkpoint_path": str(ckpt_path), "clap_checkpoint_path": None if clap_checkpoint_path is None else str(clap_checkpoint_path),
                      "roberta_dir": str(rdir)}
+    from .audio_loader import from_checkpoints
+
+    model.audio_source = from_checkpoints(ckpt_path, clap_checkpoint_path, trust_checkpoint)
     return model.to_device(dev, precision)
