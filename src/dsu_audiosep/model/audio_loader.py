@@ -79,26 +79,6 @@ class AudioBranchSource:
             self._encoder = None
 
 
-def from_checkpoints(checkpoint_path: str | Path, clap_checkpoint_path: str | Path | None,
-                     trust: bool = False) -> AudioBranchSource:
-    """The branch from the AudioSep checkpoint when it has it, else from the CLAP checkpoint."""
-    from .checkpoints import clap_level, state_dict_of, torch_load
-
-    def read() -> dict[str, torch.Tensor]:
-        ckpt = Path(checkpoint_path)
-        main = state_dict_of(torch_load(ckpt, "AudioSep checkpoint", True, trust), ckpt, "AudioSep checkpoint")
-        prefix = "query_encoder.model."
-        found = {k[len(prefix):]: v for k, v in main.items() if k.startswith(prefix + "audio_")}
-        if any(k.startswith("audio_branch.") for k in found) or clap_checkpoint_path is None:
-            return found
-        cp = Path(clap_checkpoint_path)
-        clap = state_dict_of(torch_load(cp, "CLAP checkpoint", True, trust), cp, "CLAP checkpoint")
-        return clap_level(clap, f"CLAP checkpoint {cp}")
-
-    names = str(checkpoint_path) + (f" (and {clap_checkpoint_path})" if clap_checkpoint_path else "")
-    return AudioBranchSource(read, f"checkpoint {names}")
-
-
 def from_converted(folder: str | Path) -> AudioBranchSource:
     """The branch of a converted folder (``audio_encoder.safetensors``), if it was converted with it."""
     path = Path(folder) / AUDIO_FILE

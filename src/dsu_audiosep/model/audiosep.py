@@ -134,11 +134,12 @@ class AudioSep(nn.Module):
             raise AudioSepError(NO_AUDIO_BRANCH, "this model was loaded without a source for the CLAP audio branch")
         return self.audio_source.load(self.device)
 
-    @torch.inference_mode()
     def embed_audio(self, clips: torch.Tensor) -> torch.Tensor:
         """[B, 480000] 48 kHz clips -> [B, 512] L2-normalised CLAP audio embeddings (float32)."""
         encoder = self.load_audio_branch()
-        return encoder(clips.to(device=self.device, dtype=torch.float32)).clone()
+        with torch.inference_mode():
+            out = encoder(clips.to(device=self.device, dtype=torch.float32))
+        return out.clone()  # outside inference mode: a normal tensor callers may use anywhere
 
     def release_audio_pages(self) -> int:
         """Give the audio branch's memory-mapped pages back until the next new audio query."""
