@@ -88,3 +88,103 @@ def test_mel_filterbank_is_slaney_triangles():
     assert used.min() > 50 - 47 and used.max() < 14000 + 47  # nothing outside 50-14000 Hz (one bin of slack)
     peaks = mel.argmax(axis=0)
     assert (np.diff(peaks) >= 0).all()  # bands rise in frequency
+
+
+# --------------------------------------------------------------------------------------------
+# Engine: spans and windows
+
+
+def test_span_is_cut_at_48k_to_the_nearest_sample():
+    from dsu_audiosep.engine.query import cut_span
+
+    wav = torch.arange(48000 * 2, dtype=torch.float32)
+    part = cut_span(wav, 0.5, 1.00001)  # 24000 .. 48000.48 -> 48000
+    assert part[0] == 24000 and part.shape[0] == 24000
+    assert cut_span(wav, 1 / 96000, None)[0] == 1  # half a sample rounds up
+    assert cut_span(wav, None, None).shape[0] == 96000
+
+
+def test_long_clip_windows_cover_it_with_a_10s_hop():
+    from dsu_audiosep.engine.query import window_starts
+
+    w = 480000
+    assert window_starts(100, w, w) == [0]
+    assert window_starts(w, w, w) == [0]
+    assert window_starts(w + 1, w, w) == [0, 1]
+    assert window_starts(25 * 48000, w, w) == [0, 480000, 720000]  # the last one ends at the end
+    assert window_starts(30 * 48000, w, w) == [0, 480000, 960000]
+
+
+# --------------------------------------------------------------------------------------------
+# Pay only when used
+
+
+def test_text_only_jobs_never_load_the_audio_branch(model_files, tmp_path):
+    import soundfile as sf
+
+    from dsu_audiosep import build_audiosep, separate_audio
+
+    m = build_audiosep(str(model_files["config_path"]), str(model_files["checkpoint_path"]), "cpu", mmap=True,
+                       roberta_dir=str(model_files["roberta_dir"]))
+    names = [n for n, _ in m.named_parameters()] + [n for n, _ in m.named_buffers()]
+    assert names and not any("audio_branch" in n or "audio_projection" in n for n in names)
+    mix = tmp_path / "mix.wav"
+    sf.write(mix, np.random.default_rng(3).standard_normal(16000).astype(np.float32) * 0.1, 32000)
+    separate_audio(m, str(mix), "a dog barking", str(tmp_path / "out.wav"))
+    assert m.audio_source is not None and not m.audio_branch_loaded
+    m.load_audio_branch()
+    assert m.audio_branch_loaded
+    assert m.release_audio_pages() > 0  # memory-mapped from the checkpoint: its pages can go back
+
+
+# --------------------------------------------------------------------------------------------
+# The Python API and the CLI, as a user drives them
+
+
+def test_api_embed_query_and_separate_by_example(model_files, tmp_path, aq_fixture):
+    import soundfile as sf
+
+    from dsu_audiosep import build_audiosep, embed_query, separate_audio
+    from dsu_audiosep.errors import AudioSepError
+
+    m = build_audiosep(str(model_files["config_path"]), str(model_files["checkpoint_path"]), "cpu", mmap=True,
+                       roberta_dir=str(model_files["roberta_dir"]), load_audio_branch=True)
+    assert m.audio_branch_loaded
+    q = tmp_path / "q.wav"
+    sf.write(q, aq_fixture["waveform48k"], 48000, subtype="FLOAT")
+    vec = embed_query(m, query_audio=str(q))
+    assert len(vec) == 512 and np.abs(np.asarray(vec) - aq_fixture["embedding"]).max() <= 1e-5
+    mix = tmp_path / "mix.wav"
+    sf.write(mix, np.random.default_rng(4).standard_normal(32000).astype(np.float32) * 0.1, 32000)
+    separate_audio(m, str(mix), None, str(tmp_path / "a.wav"), query_audio=str(q), output_subtype="FLOAT")
+    separate_audio(m, str(mix), None, str(tmp_path / "b.wav"), query_embedding=vec, output_subtype="FLOAT")
+    a, b = sf.read(tmp_path / "a.wav")[0], sf.read(tmp_path / "b.wav")[0]
+    assert np.abs(a - b).max() <= 1e-6
+    with pytest.raises(AudioSepError) as err:
+        separate_audio(m, str(mix), None, str(tmp_path / "c.wav"), query_audio=[])
+    assert err.value.code == "invalid_query"
+
+
+def test_cli_separate_with_query_audio(model_files, tmp_path, aq_fixture):
+    import json
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    q1, q2 = tmp_path / "q1.wav", tmp_path / "q2.wav"
+    sf.write(q1, aq_fixture["waveform48k"], 48000, subtype="FLOAT")
+    sf.write(q2, aq_fixture["waveform48k"][::-1].copy(), 48000, subtype="FLOAT")
+    mix = tmp_path / "mix.wav"
+    sf.write(mix, np.random.default_rng(5).standard_normal((16000, 2)).astype(np.float32) * 0.1, 32000)
+    base = [sys.executable, "-m", "dsu_audiosep", "separate", str(mix)]
+    ckpt = ["--checkpoint", str(model_files["checkpoint_path"]), "--roberta-dir", str(model_files["roberta_dir"])]
+    proc = subprocess.run(base + [str(tmp_path / "o.wav"), *ckpt, "--query-audio", str(q1), "--query-audio", str(q2),
+                                  "--text", "a kick drum", "--query-weight", "0.8"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["files"] == [str(tmp_path / "o.wav")]
+    bad = subprocess.run(base + [str(tmp_path / "x.wav"), *ckpt, "--query-audio", str(q1), "--query-start", "9"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and bad.stdout == "" and "invalid_query" in bad.stderr
+    assert not (tmp_path / "x.wav").exists()
