@@ -188,3 +188,15 @@ def test_cli_separate_with_query_audio(model_files, tmp_path, aq_fixture):
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and bad.stdout == "" and "invalid_query" in bad.stderr
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_htsat_stft_kernels_are_the_windowed_dft():
+    from conftest import assert_same_function
+
+    from dsu_audiosep.model.audio_query import stft_kernels
+    from dsu_audiosep.model.stft import dft_kernels
+
+    real, imag = stft_kernels()
+    ref = dft_kernels(1024)
+    assert_same_function(real, ref["stft.conv_real.weight"], ulps=4)
+    assert_same_function(imag, ref["stft.conv_imag.weight"], ulps=4)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import CONDITION_SIZE
-from .stft import dft_kernels
+from .stft import hann_periodic
 
 QUERY_RATE = 48000  # Hz: the rate the audio branch was trained at
 CLIP_SAMPLES = 480000  # 10 s: every clip is padded (repeatpad) or cut to this
@@ -96,14 +96,26 @@ def mel_filterbank(sr: int = QUERY_RATE, n_fft: int = WINDOW, n_mels: int = MEL_
     return torch.from_numpy(np.ascontiguousarray(weights.T))
 
 
+@functools.lru_cache(maxsize=1)
+def stft_kernels(n_fft: int = WINDOW) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary [bins, 1, n_fft] float32 kernels of the windowed DFT, element for element
+    the values the model's own STFT was built with (``exp(-2j*pi/n) ** (n*f)`` times a periodic
+    Hann, in complex128); only the bins the forward transform uses are evaluated."""
+    bins = n_fft // 2 + 1
+    n, f = np.meshgrid(np.arange(n_fft), np.arange(bins), indexing="ij")
+    w = np.power(np.exp(-2j * np.pi / n_fft), n * f) * hann_periodic(n_fft)[:, None]  # [n, f]
+    return (torch.from_numpy(np.ascontiguousarray(np.real(w).T.astype(np.float32)))[:, None, :],
+            torch.from_numpy(np.ascontiguousarray(np.imag(w).T.astype(np.float32)))[:, None, :])
+
+
 class LogMel(nn.Module):
     """[B, samples] at 48 kHz -> [B, 1, frames, 64] log-mel power in dB (frames = samples // 480 + 1)."""
 
     def __init__(self):
         super().__init__()
-        kernels = dft_kernels(WINDOW)
-        self.register_buffer("stft_real", kernels["stft.conv_real.weight"], persistent=False)
-        self.register_buffer("stft_imag", kernels["stft.conv_imag.weight"], persistent=False)
+        real, imag = stft_kernels()
+        self.register_buffer("stft_real", real, persistent=False)
+        self.register_buffer("stft_imag", imag, persistent=False)
         self.register_buffer("mel", mel_filterbank(), persistent=False)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
