@@ -167,6 +167,7 @@ BAD = [
     ("embedding too short", {"query_embedding": [0.1] * 511}, "invalid_query"),
     ("embedding too long", {"query_embedding": [0.1] * 513}, "invalid_query"),
     ("embedding with infinity", {"query_embedding": ["__1e999__"] + [0.0] * 511}, "invalid_query"),
+    ("embedding with a huge integer", {"query_embedding": [10 ** 400] + [0] * 511}, "invalid_field"),
     ("embedding all zeros", {"query_embedding": [0] * 512}, "invalid_query"),
     ("embedding of strings", {"query_embedding": ["a"] * 512}, "invalid_field"),
     ("embedding and audio", {"query_embedding": [0.1] * 512, "query_audio": "{q48}"}, "invalid_query"),

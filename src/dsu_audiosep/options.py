@@ -143,9 +143,12 @@ def _fraction(value: Any, lenient: bool) -> Any:
 
 def _numbers(value: Any, lenient: bool) -> Any:
     """A JSON array of numbers (length and finiteness: engine/query.py, with its own error code)."""
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return [float(v) if isinstance(v, int) and abs(v) < 2 ** 53 else v for v in value]
-    return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    try:
+        return [float(v) for v in value]
+    except OverflowError:  # an integer literal too large for a float
+        return None
 
 
 def _text(value: Any, lenient: bool) -> Any:
