@@ -89,7 +89,8 @@ def test_load_model_without_paths_parses():
 def test_separate_fields_and_defaults():
     args = parse({"cmd": "separate", "input": "in.wav", "output": "out.wav"}).args
     assert isinstance(args, P.SeparateArgs)
-    assert args.text == "speech"  # the original worker's default query
+    assert args.text is None  # not given ...
+    assert P.query_of(args).text == "speech"  # ... so the query is the original worker's default
     assert args.use_chunk is None and args.output_sr is None and args.mode is None
 
     args = parse(

@@ -23,12 +23,13 @@ from hypothesis import strategies as st
 
 from worker_client import NON_TERMINAL, WorkerClient, clean_env, worker_argv
 
-COMMANDS = ["load_model", "separate", "get_status", "ping", "list_models", "unload_model", "clear_cache", "cancel"]
+COMMANDS = ["load_model", "separate", "embed", "get_status", "ping", "list_models", "unload_model", "clear_cache", "cancel"]
 FIELDS = [
     "checkpoint_path", "config_path", "clap_checkpoint_path", "roberta_dir", "model_dir", "device", "mmap",
     "use_torch_stft", "auto_stft_seconds", "chunk_seconds", "chunk_length", "context_seconds", "precision", "trust_checkpoint",
     "input", "output", "text", "use_chunk", "output_sr", "output_subtype", "output_channels", "mode",
     "residual_output", "target", "progress", "id",
+    "query_audio", "query_start", "query_end", "query_weight", "query_embedding", "load_audio_branch",
 ]
 # Values a client might plausibly send for those fields, plus junk of every JSON type.
 PLAUSIBLE = st.sampled_from(

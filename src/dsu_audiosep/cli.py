@@ -64,7 +64,7 @@ def _separate_parser():
     a command-line spelling (input and output are the positional arguments)."""
     import argparse
 
-    from .options import BOOL, LOAD, SEPARATE, SETTINGS
+    from .options import BOOL, LOAD, PATHS, SEPARATE, SETTINGS
 
     parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate one file (one-shot).")
     for setting in SETTINGS:
@@ -77,6 +77,9 @@ def _separate_parser():
         if setting.kind is BOOL:
             parser.add_argument(setting.cli_flag, dest=setting.name, action="store_const", const=True,
                                 default=None, help=setting.help + default)
+        elif setting.kind is PATHS:  # repeat the flag for several files
+            parser.add_argument(setting.cli_flag, dest=setting.name, metavar=setting.kind.metavar, action="append",
+                                help=setting.help + " (repeatable)")
         else:
             parser.add_argument(setting.cli_flag, dest=setting.name, metavar=setting.kind.metavar,
                                 help=setting.help + default)

@@ -36,4 +36,6 @@ OUTPUT_ERROR = "output_error"            # cannot write the output (folder, perm
 DISK_FULL = "disk_full"
 OUT_OF_MEMORY = "out_of_memory"
 CANCELLED = "cancelled"
+INVALID_QUERY = "invalid_query"          # query_audio list empty, span outside the file, bad query_embedding
+NO_AUDIO_BRANCH = "no_audio_branch"      # audio query, but the checkpoint / converted folder lacks the CLAP audio branch
 INTERNAL_ERROR = "internal_error"

@@ -128,6 +128,29 @@ def _path(value: Any, lenient: bool) -> Any:
     return value
 
 
+def _paths(value: Any, lenient: bool) -> Any:
+    """One path, or a list of paths (an empty list passes: the query check says what is wrong)."""
+    if isinstance(value, (list, tuple)):
+        checked = [_path(v, lenient) for v in value]
+        return None if any(c is None for c in checked) else list(checked)
+    return _path(value, lenient)
+
+
+def _fraction(value: Any, lenient: bool) -> Any:
+    number = _number(value, lenient)
+    return number if number is not None and 0 <= number <= 1 else None
+
+
+def _numbers(value: Any, lenient: bool) -> Any:
+    """A JSON array of numbers (length and finiteness: engine/query.py, with its own error code)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    try:
+        return [float(v) for v in value]
+    except OverflowError:  # an integer literal too large for a float
+        return None
+
+
 def _text(value: Any, lenient: bool) -> Any:
     return value if isinstance(value, str) else None
 
@@ -171,6 +194,9 @@ SECONDS_OR_ZERO = Kind("a non-negative finite number of seconds", _seconds_or_ze
 COUNT = Kind("a whole number >= 0", _count, "N")
 PATH = Kind("a path string (not empty, no NUL, no lone surrogates)", _path, "PATH")
 TEXT = Kind("a string", _text, "TEXT")
+PATHS = Kind("a path string or an array of path strings", _paths, "PATH")
+FRACTION = Kind("a number from 0 to 1", _fraction, "W")
+NUMBERS = Kind("an array of 512 numbers", _numbers, "")
 DEVICE = Kind('a device name such as "cpu", "cuda", "cuda:1", "mps" or "auto"', _name, "D")
 OUTPUT_SR_RANGE = (1000, 768000)
 SAMPLE_RATE = Kind(f"a sample rate in Hz from {OUTPUT_SR_RANGE[0]} to {OUTPUT_SR_RANGE[1]} (e.g. 44100) or \"input\"",
@@ -236,7 +262,7 @@ class Setting:
             raise AudioSepError(INVALID_FIELD, str(exc)) from None
 
 
-LOAD, SEPARATE = "load_model", "separate"
+LOAD, SEPARATE, EMBED = "load_model", "separate", "embed"
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24": "PCM_24", "24": "PCM_24",
@@ -265,12 +291,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("precision", choice(*PRECISIONS), "fp32", "fp32 (exact), tf32 (CUDA matrix units), bf16 or fp16",
             (LOAD,), worker=True, per_device="fp32; on GPUs with TF32 (Ampere and newer) the measured CUDA default "
             "(engine/resolve.py; fp32 until its GPU run)"),
+    Setting("load_audio_branch", BOOL, False, "load the CLAP audio branch now, not on the first audio query",
+            (LOAD,), worker=True),
     Setting("trust_checkpoint", BOOL, False, "unpickle without weights_only (runs code from the file)", (LOAD,),
             cli=""),
     # separate
     Setting("input", PATH, None, "the mixture to separate", (SEPARATE,), required=True, cli="", seed=True),
     Setting("output", PATH, None, "where the separated sound is written", (SEPARATE,), required=True, cli="", seed=True),
-    Setting("text", TEXT, "speech", "what to extract, in words", (SEPARATE,), seed=True),
+    Setting("text", TEXT, "speech", "what to extract, in words (default only without another query)", (SEPARATE, EMBED),
+            seed=True),
+    Setting("query_audio", PATHS, None, "example audio of the sound: a file, or a list averaged", (SEPARATE, EMBED)),
+    Setting("query_start", SECONDS_OR_ZERO, None, "start of the span of query_audio to use, seconds", (SEPARATE, EMBED)),
+    Setting("query_end", SECONDS, None, "end of the span of query_audio to use, seconds", (SEPARATE, EMBED)),
+    Setting("query_weight", FRACTION, 0.5, "share of the audio embedding when text and query_audio are both given",
+            (SEPARATE, EMBED)),
+    Setting("query_embedding", NUMBERS, None, "a stored query embedding (from embed), instead of text/audio",
+            (SEPARATE, EMBED), cli=""),
     Setting("use_chunk", BOOL_OR_AUTO, False, "stream the file in chunks (auto: from chunk_seconds on)", (SEPARATE,), seed=True),
     Setting("context_seconds", SECONDS_OR_ZERO, 0.64, "context on each side of a chunk (3.52 is exact)", (SEPARATE,)),
     Setting("output_sr", SAMPLE_RATE, 44100, "output rate in Hz, or input", (SEPARATE,)),
@@ -292,10 +328,9 @@ def for_command(cmd: str) -> tuple[Setting, ...]:
 def args_record(cmd: str, class_name: str) -> type:
     """A frozen record of a command's fields: required ones first, then optional ones whose
     ``None`` means "not given" (the worker falls back to flag, environment, policy, default).
-    ``text`` is the exception: its default is the seed's query."""
+    ``text`` too: without any query field the seed's "speech" applies (engine/query.py)."""
     fields: list[tuple] = [(s.name, Any) for s in for_command(cmd) if s.required]
-    fields += [(s.name, Any, field(default=s.default if s.kind is TEXT else None))
-               for s in for_command(cmd) if not s.required]
+    fields += [(s.name, Any, field(default=None)) for s in for_command(cmd) if not s.required]
     return make_dataclass(class_name, fields, frozen=True)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from .. import options
+from .query import Query
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class LoadPlan:
     auto_stft_seconds: float
     chunk_seconds: float
     chunk_length: float | None
+    load_audio_branch: bool = False  # read the CLAP audio branch at load, not on the first audio query
 
     @property
     def stft_mode(self) -> str:
@@ -182,6 +184,8 @@ def plan_load(requested: Any, defaults: WorkerDefaults, resolve_device: Callable
         auto_stft_seconds=float(_given(requested.auto_stft_seconds, defaults.auto_stft_seconds)),
         chunk_seconds=float(_given(requested.chunk_seconds, defaults.chunk_seconds)),
         chunk_length=requested.chunk_length,
+        load_audio_branch=bool(_given(getattr(requested, "load_audio_branch", None),
+                                      getattr(defaults, "load_audio_branch", False))),
     )
 
 
@@ -203,6 +207,11 @@ class JobPlan:
     chunked: bool
     chunk_length: float  # kept centre per window when chunked (also the base of OOM retries)
     warnings: tuple[str, ...] = ()
+    query: Query | None = None  # what to extract (None: the text above); engine/query.py
+
+    @property
+    def the_query(self) -> Query:
+        return self.query if self.query is not None else Query.from_fields(self.text)
 
 
 def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
@@ -223,7 +232,8 @@ def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
 
 
 def plan_job(input_path: str, output_path: str, text: str, options: SeparateOptions, info: AudioProbe | None, *,
-             use_torch_stft: bool | str, auto_stft_seconds: float, device: str, precision: str) -> JobPlan:
+             use_torch_stft: bool | str, auto_stft_seconds: float, device: str, precision: str,
+             query: Query | None = None) -> JobPlan:
     """Decide the STFT and the chunking of one job. ``use_torch_stft`` is the setting in force
     (True, False or "auto": torch.stft from ``auto_stft_seconds`` of input on)."""
     duration = info.duration if info is not None else None
@@ -241,19 +251,21 @@ def plan_job(input_path: str, output_path: str, text: str, options: SeparateOpti
         chunked = True
     return JobPlan(input_path=input_path, output_path=output_path, text=text, options=options, info=info,
                    use_torch_stft_mode=mode, use_torch_stft=stft, chunked=chunked, chunk_length=chunk_length,
-                   warnings=tuple(warnings))
+                   warnings=tuple(warnings), query=query)
 
 
 def plan_requested_job(requested: Any, load: LoadPlan, probe: Callable[[str], AudioProbe | None]) -> JobPlan:
     """A worker job: ``requested`` holds the separate fields (input, output, text, the options;
     None = not given), ``load`` the values they fall back to, ``probe`` reads the input's length."""
     input_path = os.path.expanduser(requested.input)
+    query = Query.from_fields(requested.text, requested.query_audio, requested.query_start, requested.query_end,
+                              requested.query_weight, requested.query_embedding)
     return plan_job(
-        input_path, os.path.expanduser(requested.output), requested.text, job_options(requested, load),
+        input_path, os.path.expanduser(requested.output), query.text or "", job_options(requested, load),
         probe(input_path),
         use_torch_stft=_given(requested.use_torch_stft, load.use_torch_stft),
         auto_stft_seconds=_given(requested.auto_stft_seconds, load.auto_stft_seconds),
-        device=load.device, precision=load.precision,
+        device=load.device, precision=load.precision, query=query,
     )
 
 

@@ -30,6 +30,7 @@ from .audio_write import OutputPlan, prepare_output, same_file
 from .chunking import Window, plan_windows, seconds_to_samples
 from .output_options import OutputOptions, map_channels, output_channel_count
 from .resampling import StreamResampler, resampled_length
+from .query import Query, query_embedding
 from .resolve import JobPlan, SeparateOptions, plan_job
 
 log = logging.getLogger(__name__)
@@ -299,15 +300,16 @@ def _take(fifo: deque, n: int, channels: int) -> np.ndarray:
     return out
 
 
-def separate_file(model, input_path: str, output_path: str, text: str, options: SeparateOptions | None = None,
+def separate_file(model, input_path: str, output_path: str, text: str | None, options: SeparateOptions | None = None,
                   progress: Callable[[float], None] | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> SeparationResult:
-    """Separate the sound described by ``text`` from ``input_path`` into ``output_path``, with the
-    model's own STFT; chunking decided by engine/resolve.py."""
+                  cancelled: Callable[[], bool] | None = None, query: Query | None = None) -> SeparationResult:
+    """Separate the sound described by ``text`` (or ``query``: audio examples, an embedding) from
+    ``input_path`` into ``output_path``, with the model's own STFT; chunking decided by engine/resolve.py."""
     opt = (options or SeparateOptions()).validate()
+    query = query if query is not None else Query.from_fields(text)
     info = probe(input_path)
-    plan = plan_job(input_path, output_path, text, opt, info, use_torch_stft=model.use_torch_stft,
-                    auto_stft_seconds=math.inf, device=str(model.device), precision=model.precision)
+    plan = plan_job(input_path, output_path, query.text or "", opt, info, use_torch_stft=model.use_torch_stft,
+                    auto_stft_seconds=math.inf, device=str(model.device), precision=model.precision, query=query)
     return run_plan(model, plan, progress, cancelled)
 
 
@@ -327,7 +329,7 @@ def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = No
         raise AudioSepError(OUTPUT_ERROR, "output and residual_output are the same file")
     out_opts = OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
     plans = [prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
-    cond = model.embed_text(plan.text)
+    cond = query_embedding(model, plan.the_query)
 
     duration = info.frames / info.samplerate
     chunked, chunk_len = plan.chunked, plan.chunk_length
@@ -336,6 +338,8 @@ def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = No
         # The activations of a long window would sit on top of the idle text encoder: hand its
         # memory-mapped pages back first (a later new query reads them again, ~0.1-0.4 s).
         model.release_text_pages()
+        if hasattr(model, "release_audio_pages"):
+            model.release_audio_pages()
     while True:
         chunk_samples = seconds_to_samples(chunk_len) if chunked else None
         pipe = _Pipeline(model, input_path, plans, opt, cond, chunk_samples, progress, cancelled, warnings)

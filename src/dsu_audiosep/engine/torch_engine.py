@@ -79,9 +79,12 @@ class TorchEngine:
             from ..model.converted import load_converted
 
             read_config(paths.config_path)
-            return load_converted(paths.model_dir, device=plan.device, use_torch_stft=plan.stft_value,
-                                  precision=plan.precision)
-        return load_model(
+            model = load_converted(paths.model_dir, device=plan.device, use_torch_stft=plan.stft_value,
+                                   precision=plan.precision)
+            if plan.load_audio_branch:
+                model.load_audio_branch()
+            return model
+        model = load_model(
             config_path=paths.config_path,
             checkpoint_path=paths.checkpoint_path,
             clap_checkpoint_path=paths.clap_checkpoint_path,
@@ -92,6 +95,9 @@ class TorchEngine:
             precision=plan.precision,
             trust_checkpoint=trust_checkpoint,
         )
+        if plan.load_audio_branch:
+            model.load_audio_branch()
+        return model
 
     # ---- jobs ------------------------------------------------------------------------------
 
@@ -118,6 +124,14 @@ class TorchEngine:
         if result.warnings:
             details["warnings"] = [str(w) for w in result.warnings]
         return JobOutcome(files=[str(f) for f in result.files], details=details)
+
+    def embed(self, model: Any, requested: Any) -> list[float]:
+        """The 512 numbers of the query the ``embed`` fields describe (text and/or query_audio)."""
+        from .query import Query, query_embedding
+
+        query = Query.from_fields(requested.text, requested.query_audio, requested.query_start, requested.query_end,
+                                  requested.query_weight, requested.query_embedding)
+        return [float(v) for v in query_embedding(model, query)]
 
     # ---- housekeeping ----------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """AudioSep = text encoder (CLAP text branch) + ResUNet30 separator, as one loaded object."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Callable, Mapping
 
@@ -52,6 +53,10 @@ class AudioSep(nn.Module):
         self._conv_kernels = conv_kernels
         self.precision = "fp32"
         self.sources: dict[str, str | None] = {}  # the files it was loaded from, as resolved
+        # Where the CLAP audio branch is read from on the first audio query (None: nowhere).
+        self.audio_source = None
+        # Audio-query embeddings, keyed by the engine (file identity and span); see engine/query.py.
+        self.audio_cache: OrderedDict = OrderedDict()
 
     @classmethod
     def from_weights(cls, ss: Mapping[str, torch.Tensor], conv: Mapping[str, torch.Tensor] | None,
@@ -116,6 +121,33 @@ class AudioSep(nn.Module):
         from ..process_memory import page_out
 
         return page_out(self.text_encoder.state_dict().values())
+
+    @property
+    def audio_branch_loaded(self) -> bool:
+        return self.audio_source is not None and self.audio_source.loaded
+
+    def load_audio_branch(self):
+        """The CLAP audio encoder, read from the model's files on first use (AudioSepError if absent)."""
+        if self.audio_source is None:
+            from ..errors import NO_AUDIO_BRANCH
+
+            raise AudioSepError(NO_AUDIO_BRANCH, "this model was loaded without a source for the CLAP audio branch")
+        return self.audio_source.load(self.device)
+
+    def embed_audio(self, clips: torch.Tensor) -> torch.Tensor:
+        """[B, 480000] 48 kHz clips -> [B, 512] L2-normalised CLAP audio embeddings (float32)."""
+        encoder = self.load_audio_branch()
+        with torch.inference_mode():
+            out = encoder(clips.to(device=self.device, dtype=torch.float32))
+        return out.clone()  # outside inference mode: a normal tensor callers may use anywhere
+
+    def release_audio_pages(self) -> int:
+        """Give the audio branch's memory-mapped pages back until the next new audio query."""
+        if self.device.type != "cpu" or not self.audio_branch_loaded:
+            return 0
+        from ..process_memory import page_out
+
+        return page_out(self.audio_source.load(self.device).state_dict().values())
 
     @torch.inference_mode()
     def separate(self, wav: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:

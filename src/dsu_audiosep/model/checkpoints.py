@@ -10,7 +10,8 @@ Accepted inputs (any combination that yields a full model):
 
 Text-branch precedence follows the original build order, where each later load overwrites the
 earlier: roberta folder weights < CLAP file < AudioSep file. Only the tensors inference uses are
-kept (the HTSAT audio branch and the contrastive heads are skipped).
+kept (the contrastive heads are skipped; the HTSAT audio branch is read only on the first audio
+query, see audio_loader.py).
 
 Pickles are opened with ``weights_only=True``. A file that needs arbitrary code to unpickle is
 refused with ``unsafe_checkpoint`` unless the caller passes ``trust_checkpoint=True``, in which case
@@ -340,4 +341,25 @@ def load_model(
     model = AudioSep.from_weights(ss, conv, text_sd, tokenizer, rcfg, use_torch_stft=use_torch_stft)
     model.sources = {"checkpoint_path": str(ckpt_path), "clap_checkpoint_path": None if clap_checkpoint_path is None else str(clap_checkpoint_path),
                      "roberta_dir": str(rdir)}
+    model.audio_source = audio_branch_source(ckpt_path, clap_checkpoint_path, trust_checkpoint)
     return model.to_device(dev, precision)
+
+
+def audio_branch_source(checkpoint_path: str | os.PathLike, clap_checkpoint_path: str | os.PathLike | None,
+                        trust: bool = False):
+    """Where the first audio query reads the CLAP audio branch: the AudioSep checkpoint when it has
+    it (its copy wins in the original build order), else the CLAP checkpoint; mapped, not read."""
+    from .audio_loader import AudioBranchSource
+
+    def read() -> dict[str, torch.Tensor]:
+        ckpt = Path(checkpoint_path)
+        main = state_dict_of(torch_load(ckpt, "AudioSep checkpoint", True, trust), ckpt, "AudioSep checkpoint")
+        found = _sub(main, "query_encoder.model.")
+        if any(k.startswith("audio_branch.") for k in found) or clap_checkpoint_path is None:
+            return found
+        cp = Path(clap_checkpoint_path)
+        return clap_level(state_dict_of(torch_load(cp, "CLAP checkpoint", True, trust), cp, "CLAP checkpoint"),
+                          f"CLAP checkpoint {cp}")
+
+    names = str(checkpoint_path) + (f" (and {clap_checkpoint_path})" if clap_checkpoint_path else "")
+    return AudioBranchSource(read, f"checkpoint {names}")

@@ -63,4 +63,7 @@ def load_converted(model_dir: str | os.PathLike, *, device: str = "cpu", use_tor
     check_tensors(ref_text, text, str(weights), "text_encoder.")
     model = AudioSep.from_weights(ss, conv or None, text, tokenizer, rcfg, use_torch_stft=use_torch_stft)
     model.sources = {"model_dir": str(folder), "roberta_dir": str(folder / "tokenizer")}
+    from .audio_loader import from_converted
+
+    model.audio_source = from_converted(folder)
     return model.to_device(device, precision)

@@ -257,10 +257,21 @@ def separate(w: "Worker", cmd: P.Command) -> dict:
     return reply
 
 
+def embed(w: "Worker", cmd: P.Command) -> dict:
+    """The query embedding as numbers, for the parent to store and reuse (``query_embedding``).
+    ``embedding`` is an extension status: only a client that sends ``embed`` waits for it."""
+    if w.current is None:
+        raise AudioSepError(errors.MODEL_NOT_LOADED, "no model is loaded: send load_model first")
+    started = time.perf_counter()
+    values = w.engine.embed(w.current.model, cmd.args)
+    return P.reply("embedding", cmd.id, embedding=values, elapsed=round(time.perf_counter() - started, 3))
+
+
 # Every command the job thread runs (``cancel`` is answered by the reader thread).
 HANDLERS: dict[str, Handler] = {
     "load_model": load_model,
     "separate": separate,
+    "embed": embed,
     "get_status": get_status,
     "ping": ping,
     "list_models": list_models,

@@ -30,6 +30,7 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 KNOWN_COMMANDS = (
     "load_model",
     "separate",
+    "embed",
     "get_status",
     "ping",
     "list_models",
@@ -85,7 +86,8 @@ class RequestError(AudioSepError):
 
 LoadModelArgs = options.args_record(options.LOAD, "LoadModelArgs")
 SeparateArgs = options.args_record(options.SEPARATE, "SeparateArgs")
-_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs}
+EmbedArgs = options.args_record(options.EMBED, "EmbedArgs")
+_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs, options.EMBED: EmbedArgs}
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class NoArgs:
     pass
 
 
-Args = Union[LoadModelArgs, SeparateArgs, CancelArgs, NoArgs]
+Args = Union[LoadModelArgs, SeparateArgs, EmbedArgs, CancelArgs, NoArgs]
 
 
 @dataclass(frozen=True)
@@ -297,8 +299,19 @@ def _parse_fields(cmd: str, obj: dict) -> Args:
             "missing " + " and ".join(f"\"{m}\"" for m in missing) + f" ({_REQUIRED_WHY.get(cmd, cmd)})",
         )
     values = {s.name: s.from_json(obj.get(s.name)) for s in settings}
-    # JSON null means "not given": the record's default (the seed's query for text) stays.
-    return _ARGS_RECORDS[cmd](**{k: v for k, v in values.items() if v is not None})
+    # JSON null means "not given".
+    args = _ARGS_RECORDS[cmd](**{k: v for k, v in values.items() if v is not None})
+    if cmd in (options.SEPARATE, options.EMBED):
+        query_of(args)  # the query's combination, checked before any work
+    return args
+
+
+def query_of(args: Any) -> Any:
+    """The validated ``Query`` of a separate or embed command (engine/query.py checks it)."""
+    from ..engine.query import Query
+
+    return Query.from_fields(args.text, args.query_audio, args.query_start, args.query_end, args.query_weight,
+                             args.query_embedding)
 
 
 def _progress_flag(obj: dict) -> bool:
