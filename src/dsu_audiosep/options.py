@@ -203,6 +203,17 @@ PATH = Kind("a path string (not empty, no NUL, no lone surrogates)", _path, "PAT
 TEXT = Kind("a string", _text, "TEXT")
 DEVICE = Kind('a device name such as "cpu", "cuda", "cuda:1", "mps" or "auto"', _name, "D")
 OUTPUT_SR_RANGE = (1000, 768000)
+def _jobs(value: Any, lenient: bool) -> Any:
+    """A batch's jobs: a non-empty list; each entry is checked as a separate command by the
+    protocol, so that one malformed job is that job's result, not the batch's failure."""
+    if not isinstance(value, list):
+        return None
+    if not value:
+        raise AudioSepError(INVALID_FIELD, '"jobs" is empty: give at least one {separate fields} object')
+    return tuple(value)
+
+
+JOBS = Kind("a non-empty list of separate jobs (objects)", _jobs, "")
 QUERIES = Kind('a non-empty list of objects {"text", "output", "mode"?}', _queries, "")
 SAMPLE_RATE = Kind(f"a sample rate in Hz from {OUTPUT_SR_RANGE[0]} to {OUTPUT_SR_RANGE[1]} (e.g. 44100) or \"input\"",
                    _sample_rate(*OUTPUT_SR_RANGE), "HZ|input")
@@ -267,7 +278,7 @@ class Setting:
             raise AudioSepError(INVALID_FIELD, str(exc)) from None
 
 
-LOAD, SEPARATE = "load_model", "separate"
+LOAD, SEPARATE, BATCH = "load_model", "separate", "batch"
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24": "PCM_24", "24": "PCM_24",
@@ -312,6 +323,10 @@ SETTINGS: tuple[Setting, ...] = (
             (SEPARATE,)),
     Setting("queries", QUERIES, None, "stems: several queries on one read of the input, each with its own output "
             "(replaces output and text)", (SEPARATE,), cli=""),
+    # batch
+    Setting("jobs", JOBS, None, "separate jobs run in order on the loaded model", (BATCH,), required=True, cli=""),
+    Setting("stop_on_error", BOOL, False, "stop the batch at the first failed job (the sibling worker's way)", (BATCH,),
+            cli=""),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 WORKER_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.worker)

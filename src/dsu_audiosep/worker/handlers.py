@@ -17,6 +17,7 @@ from ..engine.resolve import LoadPlan, stft_mode
 from ..engine.torch_engine import ModelPaths
 from ..errors import AudioSepError
 from . import protocol as P
+from .batch import batch
 from .cache import CacheEntry, ModelKey, file_fingerprint
 from .jobs import ProgressReporter
 from .model_paths import check_exists, resolve_model_paths
@@ -261,6 +262,7 @@ def separate(w: "Worker", cmd: P.Command) -> dict:
 HANDLERS: dict[str, Handler] = {
     "load_model": load_model,
     "separate": separate,
+    "batch": batch,
     "get_status": get_status,
     "ping": ping,
     "list_models": list_models,

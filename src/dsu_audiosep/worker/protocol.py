@@ -15,13 +15,14 @@ Rules a reader of the protocol can rely on:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
 from .. import errors, options
-from ..engine.queries import check_distinct_outputs
+from ..engine.queries import check_distinct_outputs, output_key
 from ..errors import AudioSepError
 
 # A 10 MB line must work; anything beyond this is refused as a whole (and its bytes dropped)
@@ -36,6 +37,7 @@ KNOWN_COMMANDS = (
     "list_models",
     "unload_model",
     "clear_cache",
+    "batch",
     "cancel",
     "exit",
 )
@@ -86,7 +88,18 @@ class RequestError(AudioSepError):
 
 LoadModelArgs = options.args_record(options.LOAD, "LoadModelArgs")
 SeparateArgs = options.args_record(options.SEPARATE, "SeparateArgs")
-_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs}
+BatchArgs = options.args_record(options.BATCH, "BatchArgs")
+_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs, options.BATCH: BatchArgs}
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One job of a batch, checked before the batch starts: its separate fields, or why not."""
+
+    index: int
+    id: Any = None  # NO_ID when the job has none
+    args: Any = None  # SeparateArgs; None when the job is malformed
+    error: tuple[str, str] | None = None  # (code, message)
 
 
 @dataclass(frozen=True)
@@ -303,7 +316,33 @@ def _parse_fields(cmd: str, obj: dict) -> Args:
     args = _ARGS_RECORDS[cmd](**{k: v for k, v in values.items() if v is not None or k in settings_required(settings)})
     if cmd == options.SEPARATE:
         check_distinct_outputs(args.input, separate_outputs(args))
+    if cmd == options.BATCH:
+        args = dataclasses.replace(args, jobs=_parse_jobs(args.jobs))
     return args
+
+
+def _parse_jobs(raw_jobs: tuple) -> tuple[BatchJob, ...]:
+    """Every job validated as a separate command; a malformed one (or one writing a file an
+    earlier job writes) keeps its error for its result. Jobs may read earlier jobs' outputs."""
+    jobs: list[BatchJob] = []
+    claimed: dict[str, int] = {}
+    for i, raw in enumerate(raw_jobs):
+        job_id = raw.get("id", NO_ID) if isinstance(raw, dict) else NO_ID
+        if job_id is not NO_ID and not _is_echoable(job_id):
+            job_id = NO_ID
+        try:
+            if not isinstance(raw, dict):
+                raise AudioSepError(errors.INVALID_FIELD, f"a job must be an object of separate fields, got {options.json_type(raw)}")
+            args = _parse_fields(options.SEPARATE, raw)
+            keys = [output_key(o) for o in separate_outputs(args)]
+            for key, out in zip(keys, separate_outputs(args)):
+                if key in claimed:
+                    raise AudioSepError(errors.DUPLICATE_OUTPUT, f"output {out} is also written by job {claimed[key]}")
+            claimed.update({k: i for k in keys})
+            jobs.append(BatchJob(i, job_id, args))
+        except AudioSepError as exc:
+            jobs.append(BatchJob(i, job_id, None, (exc.code, f"job {i}: {exc.message}")))
+    return tuple(jobs)
 
 
 def settings_required(settings: tuple[options.Setting, ...]) -> set[str]:
