@@ -278,7 +278,7 @@ class Setting:
             raise AudioSepError(INVALID_FIELD, str(exc)) from None
 
 
-LOAD, SEPARATE, BATCH = "load_model", "separate", "batch"
+LOAD, SEPARATE, BATCH, SET_CACHE_SIZE = "load_model", "separate", "batch", "set_cache_size"
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24": "PCM_24", "24": "PCM_24",
@@ -287,6 +287,8 @@ SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24"
 SETTINGS: tuple[Setting, ...] = (
     # worker-level only
     Setting("max_cached_models", COUNT, 1, "models kept in memory (least recently used goes first)", worker=True),
+    Setting("models_dir", PATH, None, "where load_model without paths looks first (seed file names, a converted folder)",
+            worker=True),
     # load_model
     Setting("config_path", PATH, None, "AudioSep YAML config (default config/audiosep_base.yaml)", (LOAD,),
             cli="--config", seed=True),
@@ -323,6 +325,9 @@ SETTINGS: tuple[Setting, ...] = (
             (SEPARATE,)),
     Setting("queries", QUERIES, None, "stems: several queries on one read of the input, each with its own output "
             "(replaces output and text)", (SEPARATE,), cli=""),
+    # set_cache_size
+    Setting("n", COUNT, None, "the new max_cached_models (evicts down to it at once)", (SET_CACHE_SIZE,), required=True,
+            cli=""),
     # batch
     Setting("jobs", JOBS, None, "separate jobs run in order on the loaded model", (BATCH,), required=True, cli=""),
     Setting("stop_on_error", BOOL, False, "stop the batch at the first failed job (the sibling worker's way)", (BATCH,),

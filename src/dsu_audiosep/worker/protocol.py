@@ -38,6 +38,7 @@ KNOWN_COMMANDS = (
     "unload_model",
     "clear_cache",
     "batch",
+    "set_cache_size",
     "cancel",
     "exit",
 )
@@ -89,7 +90,9 @@ class RequestError(AudioSepError):
 LoadModelArgs = options.args_record(options.LOAD, "LoadModelArgs")
 SeparateArgs = options.args_record(options.SEPARATE, "SeparateArgs")
 BatchArgs = options.args_record(options.BATCH, "BatchArgs")
-_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs, options.BATCH: BatchArgs}
+CacheSizeArgs = options.args_record(options.SET_CACHE_SIZE, "CacheSizeArgs")
+_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs, options.BATCH: BatchArgs,
+                 options.SET_CACHE_SIZE: CacheSizeArgs}
 
 
 @dataclass(frozen=True)
