@@ -125,3 +125,15 @@ def test_sigterm_mid_batch_with_heartbeats(demo_model, tmp_path):  # noqa: F811
         assert client.wait_exit(timeout=120) == 0
         client.assert_all_json()
     assert files_in(out) == ["0.wav"]
+
+
+def test_thousands_of_jobs_in_one_line(worker, tmp_path):
+    # 3000 jobs whose inputs are missing: each fails fast, so this checks the batch's bookkeeping
+    # (one small result each, one terminal reply) rather than separation speed.
+    jobs = [{"id": i, "input": str(tmp_path / f"missing{i}.wav"), "output": str(tmp_path / f"o{i}.wav")} for i in range(3000)]
+    reply, before = worker.request_all({"cmd": "batch", "id": "many", "jobs": jobs}, timeout=600)
+    assert reply["status"] == "done" and (reply["jobs"], reply["failed"], reply["done"]) == (3000, 3000, 0)
+    assert [r["id"] for r in reply["results"]] == list(range(3000))
+    assert {r["code"] for r in reply["results"]} == {"file_not_found"}
+    assert list(tmp_path.iterdir()) == []
+    assert_alive(worker)
