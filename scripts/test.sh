@@ -5,7 +5,8 @@
 #   2. runs the quick pytest suite (everything not marked slow), with the frozen-binary tests
 #      required (DSU_REQUIRE_FROZEN=1: a missing build fails instead of skipping);
 #   3. runs the worker protocol, robustness and lifecycle suites (tests/test_worker.py,
-#      test_robustness.py, test_lifecycle.py) again, against the frozen binary over real pipes
+#      test_robustness.py, test_lifecycle.py) and the stems, batch and models-dir/cache suites
+#      (test_stems.py, test_batch.py, test_models_dir_cache.py) again, against the frozen binary over real pipes
 #      (DSU_WORKER_CMD);
 #   4. on x86-64 with AVX2, runs the numerics tests (marker "numerics": parity with the original,
 #      two code paths of one computation) again with AVX2-only kernels (scripts/avx2_only.env), so
