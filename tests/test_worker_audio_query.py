@@ -142,6 +142,33 @@ def test_separate_with_audio_query_equals_separate_with_its_embedding(worker, fi
     assert np.abs(ya - yt).max() > 2 / 32768  # the default text query is another condition
 
 
+def test_stems_take_audio_queries_and_embeddings(worker, files):
+    """``queries`` entries use the same query fields as a plain separate: each stem equals the
+    single job with the same query; a wrong stem query names its index and writes nothing."""
+    d = files["dir"]
+    v = embed(worker, query_audio=str(files["tone48"]))
+    stems = [{"query_audio": str(files["q48"]), "output": str(d / "stem_audio.wav")},
+             {"query_embedding": list(v), "output": str(d / "stem_vec.wav")},
+             {"text": "piano", "query_audio": str(files["q48"]), "query_weight": 0.25, "output": str(d / "stem_mix.wav")}]
+    reply = worker.request({"cmd": "separate", "input": str(files["mix"]), "queries": stems, "output_sr": "input",
+                            "output_subtype": "FLOAT"})
+    assert reply["status"] == "done", reply
+    assert [q["file"] for q in reply["queries"]] == [s["output"] for s in stems]
+    for i, stem in enumerate(stems):
+        single = {k: v for k, v in stem.items() if k != "output"}
+        r = worker.request({"cmd": "separate", "input": str(files["mix"]), "output": str(d / f"single_{i}.wav"),
+                            "output_sr": "input", "output_subtype": "FLOAT", **single})
+        assert r["status"] == "done", r
+        got, want = (sf.read(p, dtype="float32")[0] for p in (stem["output"], d / f"single_{i}.wav"))
+        assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-6)
+    bad = [{"text": "x", "output": str(d / "never_a.wav")},
+           {"query_embedding": [0.1] * 511, "output": str(d / "never_b.wav")}]
+    err = worker.request({"cmd": "separate", "input": str(files["mix"]), "queries": bad})
+    assert err["status"] == "error" and err["code"] == "invalid_query" and '"queries"[1]' in err["message"], err
+    assert not (d / "never_a.wav").exists() and not (d / "never_b.wav").exists()
+    assert worker.request({"cmd": "ping"})["status"] == "pong"
+
+
 def test_changed_file_is_embedded_again(worker, files):
     p = files["dir"] / "changing.wav"
     sf.write(p, np.sin(np.arange(48000) * 0.05).astype(np.float32), 48000, subtype="FLOAT")

@@ -23,7 +23,7 @@ import numbers
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable
 
-from .errors import INVALID_FIELD, AudioSepError
+from .errors import INVALID_FIELD, MISSING_FIELD, AudioSepError
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -181,6 +181,36 @@ def _sample_rate(low: int, high: int) -> Callable[[Any, bool], Any]:
     return check
 
 
+# The fields of one entry of ``queries`` (stems), each checked by its own setting of the table;
+# an entry needs ``output`` and one of QUERY_NEEDS (how the model is asked). Other kinds of query
+# join both tuples.
+QUERY_NEEDS = ("text", "query_audio", "query_embedding")
+QUERY_FIELDS = QUERY_NEEDS + ("query_start", "query_end", "query_weight", "output", "mode")
+QueryArgs = make_dataclass("QueryArgs", [(n, Any, field(default=None)) for n in QUERY_FIELDS], frozen=True)
+
+
+def _queries(value: Any, lenient: bool) -> Any:
+    """A list of query objects -> a tuple of QueryArgs; raises with the entry's index when one is wrong."""
+    if not isinstance(value, list):
+        return None
+    if not value:
+        raise AudioSepError(INVALID_FIELD, '"queries" is empty: give at least one {"text": ..., "output": ...}')
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise AudioSepError(INVALID_FIELD, f'"queries"[{i}] must be an object, got {json_type(item)}')
+        try:
+            fields = {n: BY_NAME[n].from_json(item.get(n)) for n in QUERY_FIELDS}
+        except AudioSepError as exc:
+            raise AudioSepError(exc.code, f'"queries"[{i}]: {exc.message}') from None
+        if fields["output"] is None:
+            raise AudioSepError(MISSING_FIELD, f'"queries"[{i}] needs "output" (where its sound is written)')
+        if all(fields[n] is None for n in QUERY_NEEDS):
+            raise AudioSepError(MISSING_FIELD, f'"queries"[{i}] needs ' + " or ".join(f'"{n}"' for n in QUERY_NEEDS))
+        out.append(QueryArgs(**fields))
+    return tuple(out)
+
+
 def choice(*names: str, aliases: dict[str, str] | None = None, fold: Callable[[str], str] = str.lower) -> Kind:
     table = {fold(n): n for n in names}
     table.update({fold(a): n for a, n in (aliases or {}).items()})
@@ -199,6 +229,18 @@ FRACTION = Kind("a number from 0 to 1", _fraction, "W")
 NUMBERS = Kind("an array of 512 numbers", _numbers, "")
 DEVICE = Kind('a device name such as "cpu", "cuda", "cuda:1", "mps" or "auto"', _name, "D")
 OUTPUT_SR_RANGE = (1000, 768000)
+def _jobs(value: Any, lenient: bool) -> Any:
+    """A batch's jobs: a non-empty list; each entry is checked as a separate command by the
+    protocol, so that one malformed job is that job's result, not the batch's failure."""
+    if not isinstance(value, list):
+        return None
+    if not value:
+        raise AudioSepError(INVALID_FIELD, '"jobs" is empty: give at least one {separate fields} object')
+    return tuple(value)
+
+
+JOBS = Kind("a non-empty list of separate jobs (objects)", _jobs, "")
+QUERIES = Kind('a non-empty list of objects {"text" | "query_audio" | "query_embedding", "output", "mode"?}', _queries, "")
 SAMPLE_RATE = Kind(f"a sample rate in Hz from {OUTPUT_SR_RANGE[0]} to {OUTPUT_SR_RANGE[1]} (e.g. 44100) or \"input\"",
                    _sample_rate(*OUTPUT_SR_RANGE), "HZ|input")
 
@@ -262,7 +304,7 @@ class Setting:
             raise AudioSepError(INVALID_FIELD, str(exc)) from None
 
 
-LOAD, SEPARATE, EMBED = "load_model", "separate", "embed"
+LOAD, SEPARATE, EMBED, BATCH, SET_CACHE_SIZE = "load_model", "separate", "embed", "batch", "set_cache_size"
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24": "PCM_24", "24": "PCM_24",
@@ -271,6 +313,8 @@ SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24"
 SETTINGS: tuple[Setting, ...] = (
     # worker-level only
     Setting("max_cached_models", COUNT, 1, "models kept in memory (least recently used goes first)", worker=True),
+    Setting("models_dir", PATH, None, "where load_model without paths looks first (seed file names, a converted folder)",
+            worker=True),
     # load_model
     Setting("config_path", PATH, None, "AudioSep YAML config (default config/audiosep_base.yaml)", (LOAD,),
             cli="--config", seed=True),
@@ -314,7 +358,17 @@ SETTINGS: tuple[Setting, ...] = (
             "sample format of the output", (SEPARATE,)),
     Setting("output_channels", choice("stereo", "input"), "stereo", "stereo, or the input's channels", (SEPARATE,)),
     Setting("mode", choice("extract", "remove"), "extract", "extract the sound, or remove it from the mix", (SEPARATE,)),
-    Setting("residual_output", PATH, None, "also write the rest of the mixture here", (SEPARATE,)),
+    Setting("residual_output", PATH, None, "also write the rest of the mixture here (with queries: minus every extracted sound)",
+            (SEPARATE,)),
+    Setting("queries", QUERIES, None, "stems: several queries on one read of the input, each with its own output "
+            "(replaces output and text)", (SEPARATE,), cli=""),
+    # set_cache_size
+    Setting("n", COUNT, None, "the new max_cached_models (evicts down to it at once)", (SET_CACHE_SIZE,), required=True,
+            cli=""),
+    # batch
+    Setting("jobs", JOBS, None, "separate jobs run in order on the loaded model", (BATCH,), required=True, cli=""),
+    Setting("stop_on_error", BOOL, False, "stop the batch at the first failed job (the sibling worker's way)", (BATCH,),
+            cli=""),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 WORKER_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.worker)
@@ -323,6 +377,22 @@ POLICY_SETTINGS: tuple[Setting, ...] = tuple(s for s in WORKER_SETTINGS if s.pol
 
 def for_command(cmd: str) -> tuple[Setting, ...]:
     return tuple(s for s in SETTINGS if cmd in s.commands)
+
+
+# What ``queries`` replaces on a separate command: each query has its own output and query fields.
+STEMS_REPLACE = ("output", "text", "query_audio", "query_start", "query_end", "query_weight", "query_embedding")
+
+
+def missing_fields(cmd: str, obj: dict) -> list[str]:
+    """The required fields a command object lacks. With ``queries``, the outputs are in the
+    queries, and ``output``/``text`` beside them would be ambiguous (an error)."""
+    missing = [s.name for s in for_command(cmd) if s.required and obj.get(s.name) is None]
+    if cmd == SEPARATE and obj.get("queries") is not None:
+        given = [n for n in STEMS_REPLACE if obj.get(n) is not None]
+        if given:
+            raise AudioSepError(INVALID_FIELD, f'give "queries" or top-level "output" and query fields, not both ({", ".join(given)} given)')
+        missing = [m for m in missing if m not in STEMS_REPLACE]
+    return missing
 
 
 def args_record(cmd: str, class_name: str) -> type:

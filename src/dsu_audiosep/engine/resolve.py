@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from .. import options
+from ..errors import AudioSepError
+from .queries import Stem
 from .query import Query
 
 log = logging.getLogger(__name__)
@@ -208,10 +210,18 @@ class JobPlan:
     chunk_length: float  # kept centre per window when chunked (also the base of OOM retries)
     warnings: tuple[str, ...] = ()
     query: Query | None = None  # what to extract (None: the text above); engine/query.py
+    # Stems: every query run on the same windows (output_path and text are the first one's). Empty
+    # for a plain one-query job, whose residual is "the other output" (the rest, or under
+    # "remove" the removed sound); with queries it is the mixture minus every extracted sound.
+    queries: tuple[Stem, ...] = ()
 
     @property
     def the_query(self) -> Query:
         return self.query if self.query is not None else Query.from_fields(self.text)
+
+    @property
+    def all_queries(self) -> tuple[Stem, ...]:
+        return self.queries or (Stem(self.the_query, self.output_path, self.options.mode),)
 
 
 def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
@@ -233,9 +243,10 @@ def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
 
 def plan_job(input_path: str, output_path: str, text: str, options: SeparateOptions, info: AudioProbe | None, *,
              use_torch_stft: bool | str, auto_stft_seconds: float, device: str, precision: str,
-             query: Query | None = None) -> JobPlan:
+             query: Query | None = None, queries: tuple[Stem, ...] = ()) -> JobPlan:
     """Decide the STFT and the chunking of one job. ``use_torch_stft`` is the setting in force
-    (True, False or "auto": torch.stft from ``auto_stft_seconds`` of input on)."""
+    (True, False or "auto": torch.stft from ``auto_stft_seconds`` of input on). ``queries``: a
+    stems job (``output_path``/``text`` then repeat the first query's)."""
     duration = info.duration if info is not None else None
     mode, stft = stft_mode(use_torch_stft)
     if mode == "auto":
@@ -251,21 +262,39 @@ def plan_job(input_path: str, output_path: str, text: str, options: SeparateOpti
         chunked = True
     return JobPlan(input_path=input_path, output_path=output_path, text=text, options=options, info=info,
                    use_torch_stft_mode=mode, use_torch_stft=stft, chunked=chunked, chunk_length=chunk_length,
-                   warnings=tuple(warnings), query=query)
+                   warnings=tuple(warnings), query=query, queries=tuple(queries))
+
+
+def requested_query(fields: Any) -> Query:
+    """The query that a command's (or one stem's) query fields describe."""
+    return Query.from_fields(fields.text, fields.query_audio, fields.query_start, fields.query_end,
+                             fields.query_weight, fields.query_embedding)
+
+
+def requested_queries(requested: Any, default_mode: str) -> tuple[Stem, ...]:
+    """The ``queries`` of a separate command as engine records (paths expanded, each query's
+    mode falling back to the command's); a wrong query's error names its index."""
+    stems = []
+    for i, q in enumerate(requested.queries or ()):
+        try:
+            stems.append(Stem(requested_query(q), os.path.expanduser(q.output), q.mode or default_mode))
+        except AudioSepError as exc:
+            raise AudioSepError(exc.code, f'"queries"[{i}]: {exc.message}') from None
+    return tuple(stems)
 
 
 def plan_requested_job(requested: Any, load: LoadPlan, probe: Callable[[str], AudioProbe | None]) -> JobPlan:
     """A worker job: ``requested`` holds the separate fields (input, output, text, the options;
     None = not given), ``load`` the values they fall back to, ``probe`` reads the input's length."""
     input_path = os.path.expanduser(requested.input)
-    query = Query.from_fields(requested.text, requested.query_audio, requested.query_start, requested.query_end,
-                              requested.query_weight, requested.query_embedding)
+    opts = job_options(requested, load)
+    queries = requested_queries(requested, opts.mode)
+    first = queries[0] if queries else Stem(requested_query(requested), os.path.expanduser(requested.output), opts.mode)
     return plan_job(
-        input_path, os.path.expanduser(requested.output), query.text or "", job_options(requested, load),
-        probe(input_path),
+        input_path, first.output, first.what.text or "", opts, probe(input_path), query=first.what, queries=queries,
         use_torch_stft=_given(requested.use_torch_stft, load.use_torch_stft),
         auto_stft_seconds=_given(requested.auto_stft_seconds, load.auto_stft_seconds),
-        device=load.device, precision=load.precision, query=query,
+        device=load.device, precision=load.precision,
     )
 
 

@@ -135,6 +135,18 @@ class ModelCache:
             self._release()
         return evicted
 
+    def resize(self, capacity: int) -> list[dict[str, Any]]:
+        """A new capacity; the least recently used beyond it go now. Returns what was evicted."""
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        evicted: list[dict[str, Any]] = []
+        while len(self._entries) > capacity:
+            evicted.append(self._entries.popitem(last=False)[1].describe())
+        if evicted:
+            self._release()
+        return evicted
+
     def remove(self, key: ModelKey) -> bool:
         if self._entries.pop(key, None) is None:
             return False

@@ -17,6 +17,7 @@ from ..engine.resolve import LoadPlan, stft_mode
 from ..engine.torch_engine import ModelPaths
 from ..errors import AudioSepError
 from . import protocol as P
+from .batch import batch
 from .cache import CacheEntry, ModelKey, file_fingerprint
 from .jobs import ProgressReporter
 from .model_paths import check_exists, resolve_model_paths
@@ -126,6 +127,15 @@ def unload_model(w: "Worker", cmd: P.Command) -> dict:
     return reply
 
 
+def set_cache_size(w: "Worker", cmd: P.Command) -> dict:
+    """max_cached_models at run time: the least recently used models beyond ``n`` go at once
+    (the current model stays in use, as with max_cached_models 0)."""
+    evicted = w.cache.resize(cmd.args.n)  # type: ignore[union-attr]  (releases memory itself)
+    reply = list_models(w, cmd)
+    reply["evicted"] = evicted
+    return reply
+
+
 def clear_cache(w: "Worker", cmd: P.Command) -> dict:
     unloaded = _describe_models(w)
     w.current = None
@@ -144,7 +154,7 @@ def clear_cache(w: "Worker", cmd: P.Command) -> dict:
 def load_model(w: "Worker", cmd: P.Command) -> dict:
     args: P.LoadModelArgs = cmd.args  # type: ignore[assignment]
     started = time.perf_counter()
-    paths = resolve_model_paths(args)
+    paths = resolve_model_paths(args, w.settings.models_dir)
     plan = w.engine.plan_load(args, w.settings)
     check_exists(paths)
     progress = _announce(w, cmd, "loading_model", model=paths.model_dir or paths.checkpoint_path)
@@ -272,10 +282,12 @@ HANDLERS: dict[str, Handler] = {
     "load_model": load_model,
     "separate": separate,
     "embed": embed,
+    "batch": batch,
     "get_status": get_status,
     "ping": ping,
     "list_models": list_models,
     "unload_model": unload_model,
     "clear_cache": clear_cache,
+    "set_cache_size": set_cache_size,
     "exit": exit_,
 }

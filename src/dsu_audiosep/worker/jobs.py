@@ -98,6 +98,7 @@ class ProgressReporter:
         self._clock = clock
         self._last_pct: float | None = None
         self._last_t = 0.0
+        self.fields: dict[str, Any] = {}  # added to each line (a batch's job index and job percent)
 
     def __call__(self, fraction: float) -> None:
         try:
@@ -119,7 +120,7 @@ class ProgressReporter:
                 return
         self._last_pct = pct
         self._last_t = now
-        self._send(P.reply("progress", self._id, percent=pct, stage=self._stage))
+        self._send(P.reply("progress", self._id, percent=pct, stage=self._stage, **self.fields))
 
     def start(self) -> None:
         self(0.0)

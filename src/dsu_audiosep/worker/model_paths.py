@@ -20,6 +20,12 @@ DEFAULT_CLAP = "checkpoint/music_speech_audioset_epoch_15_esc_89.98.pt"
 DEFAULT_ROBERTA = "roberta-base"
 
 FOLDER_FIELDS = ("roberta_dir", "model_dir")
+# What --models-dir DIR holds, by the seed's file names (a converted folder: DIR itself or one
+# folder in it, recognised by these two files).
+SEED_FILES = {"checkpoint_path": "audiosep_base_4M_steps.ckpt",
+              "clap_checkpoint_path": "music_speech_audioset_epoch_15_esc_89.98.pt",
+              "roberta_dir": "roberta-base"}
+CONVERTED_MARKS = ("config.json", "model.safetensors")
 
 
 def _given(value: str | None) -> str | None:
@@ -31,11 +37,37 @@ def _default_if_present(relative: str) -> str | None:
     return candidate if os.path.exists(candidate) else None
 
 
-def resolve_model_paths(args: Any) -> ModelPaths:
+def _converted_in(folder: str) -> str | None:
+    """``folder`` itself when it is a converted model folder, else its first sub-folder that is."""
+    def converted(path: str) -> bool:
+        return all(os.path.isfile(os.path.join(path, m)) for m in CONVERTED_MARKS)
+
+    if converted(folder):
+        return folder
+    subs = sorted(e.path for e in os.scandir(folder) if e.is_dir()) if os.path.isdir(folder) else []
+    return next((s for s in subs if converted(s)), None)
+
+
+def _from_models_dir(paths: dict[str, str | None], models_dir: str) -> None:
+    """A load_model that names no weights: the seed's files in ``models_dir``, else a converted
+    folder there; fields it finds nothing for keep their defaults."""
+    folder = resolve_path(models_dir)
+    found = {name: os.path.join(folder, f) for name, f in SEED_FILES.items() if os.path.exists(os.path.join(folder, f))}
+    if "checkpoint_path" in found:
+        for name, path in found.items():
+            paths[name] = paths[name] or path
+    elif (converted := _converted_in(folder)) is not None:
+        paths["model_dir"] = converted
+
+
+def resolve_model_paths(args: Any, models_dir: str | None = None) -> ModelPaths:
     """``args``: the load_model fields config_path, checkpoint_path, clap_checkpoint_path,
-    roberta_dir and model_dir. A converted folder (model_dir) takes no defaults."""
+    roberta_dir and model_dir. A converted folder (model_dir) takes no defaults. ``models_dir``
+    (the worker's --models-dir) is looked in first when neither weights field is given."""
     paths = {name: _given(getattr(args, name)) for name in
              ("config_path", "checkpoint_path", "clap_checkpoint_path", "roberta_dir", "model_dir")}
+    if models_dir and paths["checkpoint_path"] is None and paths["model_dir"] is None:
+        _from_models_dir(paths, models_dir)
     if paths["model_dir"] is None:
         if paths["checkpoint_path"] is None:
             paths["checkpoint_path"] = _default_if_present(DEFAULT_CHECKPOINT)

@@ -15,12 +15,14 @@ Rules a reader of the protocol can rely on:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
 from .. import errors, options
+from ..engine.queries import check_distinct_outputs, output_key
 from ..errors import AudioSepError
 
 # A 10 MB line must work; anything beyond this is refused as a whole (and its bytes dropped)
@@ -36,6 +38,8 @@ KNOWN_COMMANDS = (
     "list_models",
     "unload_model",
     "clear_cache",
+    "batch",
+    "set_cache_size",
     "cancel",
     "exit",
 )
@@ -87,7 +91,20 @@ class RequestError(AudioSepError):
 LoadModelArgs = options.args_record(options.LOAD, "LoadModelArgs")
 SeparateArgs = options.args_record(options.SEPARATE, "SeparateArgs")
 EmbedArgs = options.args_record(options.EMBED, "EmbedArgs")
-_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs, options.EMBED: EmbedArgs}
+BatchArgs = options.args_record(options.BATCH, "BatchArgs")
+CacheSizeArgs = options.args_record(options.SET_CACHE_SIZE, "CacheSizeArgs")
+_ARGS_RECORDS = {options.LOAD: LoadModelArgs, options.SEPARATE: SeparateArgs, options.EMBED: EmbedArgs,
+                 options.BATCH: BatchArgs, options.SET_CACHE_SIZE: CacheSizeArgs}
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One job of a batch, checked before the batch starts: its separate fields, or why not."""
+
+    index: int
+    id: Any = None  # NO_ID when the job has none
+    args: Any = None  # SeparateArgs; None when the job is malformed
+    error: tuple[str, str] | None = None  # (code, message)
 
 
 @dataclass(frozen=True)
@@ -292,18 +309,14 @@ def _parse_fields(cmd: str, obj: dict) -> Args:
     "checkpoint_path or model_dir" is checked by the worker: like the original worker it falls
     back to checkpoint/audiosep_base_4M_steps.ckpt beside the executable when that file exists.)"""
     settings = options.for_command(cmd)
-    missing = [s.name for s in settings if s.required and obj.get(s.name) is None]
+    missing = options.missing_fields(cmd, obj)
     if missing:
         raise AudioSepError(
             errors.MISSING_FIELD,
             "missing " + " and ".join(f"\"{m}\"" for m in missing) + f" ({_REQUIRED_WHY.get(cmd, cmd)})",
         )
     values = {s.name: s.from_json(obj.get(s.name)) for s in settings}
-    # JSON null means "not given".
-    args = _ARGS_RECORDS[cmd](**{k: v for k, v in values.items() if v is not None})
-    if cmd in (options.SEPARATE, options.EMBED):
-        query_of(args)  # the query's combination, checked before any work
-    return args
+    return _parse_args(cmd, settings, values)
 
 
 def query_of(args: Any) -> Any:
@@ -312,6 +325,62 @@ def query_of(args: Any) -> Any:
 
     return Query.from_fields(args.text, args.query_audio, args.query_start, args.query_end, args.query_weight,
                              args.query_embedding)
+
+
+def _check_queries(cmd: str, args: Any) -> None:
+    """The query of a separate or embed command, and of each of its stems, checked before any work."""
+    from ..engine.resolve import requested_queries
+
+    query_of(args)
+    if cmd == options.SEPARATE:
+        requested_queries(args, "extract")
+
+
+def _parse_args(cmd: str, settings: tuple, values: dict) -> Any:
+    # JSON null means "not given": the record's default stays.
+    # (with queries, the record's required output is given as None: each query has its own)
+    args = _ARGS_RECORDS[cmd](**{k: v for k, v in values.items() if v is not None or k in settings_required(settings)})
+    if cmd in (options.SEPARATE, options.EMBED):
+        _check_queries(cmd, args)
+    if cmd == options.SEPARATE:
+        check_distinct_outputs(args.input, separate_outputs(args))
+    if cmd == options.BATCH:
+        args = dataclasses.replace(args, jobs=_parse_jobs(args.jobs))
+    return args
+
+
+def _parse_jobs(raw_jobs: tuple) -> tuple[BatchJob, ...]:
+    """Every job validated as a separate command; a malformed one (or one writing a file an
+    earlier job writes) keeps its error for its result. Jobs may read earlier jobs' outputs."""
+    jobs: list[BatchJob] = []
+    claimed: dict[str, int] = {}
+    for i, raw in enumerate(raw_jobs):
+        job_id = raw.get("id", NO_ID) if isinstance(raw, dict) else NO_ID
+        if job_id is not NO_ID and not _is_echoable(job_id):
+            job_id = NO_ID
+        try:
+            if not isinstance(raw, dict):
+                raise AudioSepError(errors.INVALID_FIELD, f"a job must be an object of separate fields, got {options.json_type(raw)}")
+            args = _parse_fields(options.SEPARATE, raw)
+            keys = [output_key(o) for o in separate_outputs(args)]
+            for key, out in zip(keys, separate_outputs(args)):
+                if key in claimed:
+                    raise AudioSepError(errors.DUPLICATE_OUTPUT, f"output {out} is also written by job {claimed[key]}")
+            claimed.update({k: i for k in keys})
+            jobs.append(BatchJob(i, job_id, args))
+        except AudioSepError as exc:
+            jobs.append(BatchJob(i, job_id, None, (exc.code, f"job {i}: {exc.message}")))
+    return tuple(jobs)
+
+
+def settings_required(settings: tuple[options.Setting, ...]) -> set[str]:
+    return {s.name for s in settings if s.required}
+
+
+def separate_outputs(args: Any) -> list[str]:
+    """Every file a separate command writes, in reply order (queries, or output; then residual)."""
+    outputs = [q.output for q in args.queries] if args.queries else [args.output]
+    return outputs + ([args.residual_output] if args.residual_output else [])
 
 
 def _progress_flag(obj: dict) -> bool:
