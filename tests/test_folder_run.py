@@ -131,3 +131,28 @@ def test_planning_names_duplicates_and_globs(tmp_path):
     assert same[0].error[0] == "duplicate_output"  # two queries, one name
     own = plan_run(inputs[:1], [], ["a"], str(tmp_path / "d"), "{stem}.flac")
     assert own[0].error[0] == "output_error"  # would overwrite its input
+
+
+def test_folder_run_with_example_audio_queries(model_files, tmp_path):
+    """``--query-audio`` beside ``--text``: one output per query per file, named by the example's stem,
+    each equal to a one-shot separate with that query; the single-query flags are refused. (The
+    checkpoint of conftest.model_files carries the CLAP audio branch; the demo model does not.)"""
+    demo = {k: str(v) for k, v in model_files.items()}
+    write(tmp_path / "in" / "a.wav", 0.5)
+    kick = write(tmp_path / "examples" / "my kick.wav", 0.4, sr=48000)
+    out, manifest = tmp_path / "out", tmp_path / "m.jsonl"
+    proc = subprocess.run(cli("separate", str(tmp_path / "in"), "--out-dir", str(out), "--text", "piano",
+                              "--query-audio", str(kick), "--output-subtype", "FLOAT", "--manifest", str(manifest),
+                              *model_flags(demo)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a_my_kick.wav", "a_piano.wav"]
+    assert {r["query"] for r in read_manifest(manifest)} == {"piano", str(kick)}
+    one = tmp_path / "one.wav"
+    single = subprocess.run(cli("separate", str(tmp_path / "in" / "a.wav"), str(one), "--query-audio", str(kick),
+                                "--output-subtype", "FLOAT", *model_flags(demo)), capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr
+    got, want = (sf.read(str(p), dtype="float32")[0] for p in (out / "a_my_kick.wav", one))
+    assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-6)
+    refused = subprocess.run(cli("separate", str(tmp_path / "in"), "--out-dir", str(out), "--query-audio", str(kick),
+                                 "--query-start", "0.1", *model_flags(demo)), capture_output=True, text=True, timeout=900)
+    assert refused.returncode == 2 and "--query-start" in refused.stderr

@@ -70,7 +70,7 @@ def _separate_parser(folder: bool = False):
     from .options import BOOL, LOAD, PATHS, SEPARATE, SETTINGS
 
     if folder:
-        from .folder.local import REPEATED, add_folder_arguments
+        from .folder.local import NOT_IN_FOLDER_RUNS, REPEATED, add_folder_arguments
 
         parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate files, folders and globs into --out-dir.")
         add_folder_arguments(parser)
@@ -83,8 +83,8 @@ def _separate_parser(folder: bool = False):
     for setting in SETTINGS:
         if not {LOAD, SEPARATE} & set(setting.commands) or not setting.cli_flag:
             continue
-        if folder and setting.name in REPEATED:
-            continue  # repeated: one output per query per file (_folder_arguments)
+        if folder and (setting.name in REPEATED or setting.name in NOT_IN_FOLDER_RUNS):
+            continue  # repeated: one output per query per file (add_folder_arguments); or one query's only
         default = "" if setting.default is None else f" (default {setting.default})"
         if setting.kind is BOOL:
             parser.add_argument(setting.cli_flag, dest=setting.name, action="store_const", const=True,

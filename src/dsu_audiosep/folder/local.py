@@ -15,12 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
-from .plan import FileJob, Manifest, OutputResult, run_file_job
+from .plan import FileJob, FolderQuery, Manifest, OutputResult, run_file_job
 
 from ..options import BY_NAME
 
-# Query settings a folder run takes several times (one output per query per file).
-REPEATED = ("text",)
+# Query settings a folder run takes several times (one output per query per file), and the ones
+# that only make sense for one query (a span, a mix weight: give those on a one-shot separate).
+REPEATED = ("text", "query_audio")
+NOT_IN_FOLDER_RUNS = ("query_start", "query_end", "query_weight", "query_embedding")
 REDRAW_INTERVAL_S = 0.1
 BAR_WIDTH = 24
 
@@ -121,23 +123,27 @@ def add_folder_arguments(parser: Any) -> None:
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders (searched recursively) or globs")
     parser.add_argument("--out-dir", required=True, help="where the outputs go (subfolders of an input folder are mirrored)")
-    text = BY_NAME["text"]
-    parser.add_argument(text.cli_flag, dest=text.name, action="append", required=True,
-                        help=f"{text.help}; repeat for several (one output each)")
+    for name in REPEATED:
+        setting = BY_NAME[name]
+        parser.add_argument(setting.cli_flag, dest=setting.name, action="append", metavar=setting.kind.metavar,
+                            help=f"{setting.help.split(':')[0]}; repeat for several (one output each)")
     parser.add_argument("--name-template", default=DEFAULT_TEMPLATE,
                         help=f"output name from {{stem}}, {{query}}, {{ext}} (default {DEFAULT_TEMPLATE})")
     parser.add_argument("--skip-existing", action="store_true", help="leave outputs that exist alone (resume a run)")
     parser.add_argument("--manifest", help="append one JSON line per finished output to this file")
 
 
-def take_queries(ns: Any) -> list[str]:
-    """The repeated query flags' values, removed from ``ns`` (the rest are one value each)."""
-    texts = list(getattr(ns, "text") or [])
-    setattr(ns, "text", None)
-    return texts
+def take_queries(ns: Any) -> list[FolderQuery]:
+    """The repeated query flags' values (texts first, then example files, each in the order given),
+    removed from ``ns`` (the rest are one value each)."""
+    queries = [FolderQuery(text=t) for t in getattr(ns, "text") or []]
+    queries += [FolderQuery(audio=a) for a in getattr(ns, "query_audio") or []]
+    for name in REPEATED:
+        setattr(ns, name, None)
+    return queries
 
 
-def folder_main(ns: Any, texts: list[str], load: dict[str, Any], job: dict[str, Any]) -> int:
+def folder_main(ns: Any, texts: list[FolderQuery], load: dict[str, Any], job: dict[str, Any]) -> int:
     """``dsu-audiosep separate INPUT... --out-dir DIR``: plan, load the model once, run every file.
     stdout gets one JSON summary line; exit status 1 when any output failed."""
     import json

@@ -38,9 +38,28 @@ class InputFile:
 
 
 @dataclass(frozen=True)
+class FolderQuery:
+    """One query of a folder run: a text (``--text``) or an example audio file (``--query-audio``)."""
+
+    text: str | None = None
+    audio: str | None = None
+
+    @property
+    def name(self) -> str:
+        """What ``{query}`` in an output name stands for: the text, or the example file's stem."""
+        return self.text if self.text is not None else Path(self.audio or "").stem
+
+
+@dataclass(frozen=True)
 class PlannedOutput:
-    query: str  # the query text
+    query: str  # the query text, or the example audio file (manifest lines say which)
     output: str
+    audio: bool = False  # ``query`` is an example audio file (query_audio), not a text
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The query's fields in a separate command's ``queries`` entry."""
+        return {"query_audio": self.query} if self.audio else {"text": self.query}
 
 
 @dataclass(frozen=True)
@@ -125,19 +144,25 @@ def output_name(template: str, input_path: str, query: str) -> str:
     return name
 
 
-def plan_run(inputs: Iterable[InputFile], missing: Iterable[str], queries: Sequence[str], out_dir: str,
+def plan_run(inputs: Iterable[InputFile], missing: Iterable[str], queries: Sequence[str | FolderQuery], out_dir: str,
              template: str = DEFAULT_TEMPLATE, skip_existing: bool = False,
              probe: Callable[[str], Any] | None = None) -> list[FileJob]:
-    """One job per input (and one failed job per argument that matched nothing), in order."""
+    """One job per input (and one failed job per argument that matched nothing), in order.
+    ``queries``: texts, or FolderQuery records (texts or example audio files)."""
+    queries = [q if isinstance(q, FolderQuery) else FolderQuery(text=q) for q in queries]
     if not queries:
-        raise AudioSepError(INVALID_FIELD, "give at least one --text")
-    jobs: list[FileJob] = [FileJob(arg, tuple(PlannedOutput(q, "") for q in queries),
+        raise AudioSepError(INVALID_FIELD, "give at least one --text or --query-audio")
+
+    def planned(q: FolderQuery, output: str) -> PlannedOutput:
+        return PlannedOutput(q.text, output) if q.text is not None else PlannedOutput(q.audio or "", output, audio=True)
+
+    jobs: list[FileJob] = [FileJob(arg, tuple(planned(q, "") for q in queries),
                                    error=(FILE_NOT_FOUND, f"no such file, folder or glob match: {arg}"))
                            for arg in missing]
     claimed: dict[str, str] = {}  # output key -> the input that writes it
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     for f in inputs:
-        outputs = tuple(PlannedOutput(q, os.path.join(out_dir, f.rel_dir, output_name(template, f.path, q)))
+        outputs = tuple(planned(q, os.path.join(out_dir, f.rel_dir, output_name(template, f.path, q.name)))
                         for q in queries)
         error = _conflict(f.path, outputs, claimed)
         todo, done = outputs, ()
@@ -171,7 +196,7 @@ def _conflict(input_path: str, outputs: tuple[PlannedOutput, ...], claimed: dict
 def separate_command(job: FileJob, fields: dict[str, Any]) -> dict[str, Any]:
     """The worker's separate command for one job: every query on one read of the file."""
     return {"cmd": "separate", "input": job.input, **fields,
-            "queries": [{"text": o.query, "output": o.output} for o in job.outputs]}
+            "queries": [{**o.fields, "output": o.output} for o in job.outputs]}
 
 
 def run_file_job(engine: Any, model: Any, load_plan: Any, job: FileJob, fields: dict[str, Any] | None = None,
