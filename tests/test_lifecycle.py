@@ -279,7 +279,8 @@ def test_shell_pipeline_end_of_stdin_still_answers_everything(demo, tmp_path):
     script = "printf '%s\\n' " + " ".join(shlex.quote(json.dumps(l)) for l in lines) + " | " + shlex.join(worker_argv())
     done = subprocess.run(["sh", "-c", script], capture_output=True, timeout=JOB_TIMEOUT, env=clean_env())
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    statuses = [json.loads(l)["status"] for l in done.stdout.splitlines()]
+    # heartbeats (a repeated status line after 10 s of silence) come on a slow or busy machine
+    statuses = [json.loads(l)["status"] for l in done.stdout.splitlines() if not json.loads(l).get("heartbeat")]
     assert statuses == ["loading", "ready", "loading_model", "model_loaded", "separating", "done", "pong",
                         "shutdown"], statuses
     assert json.loads(done.stdout.splitlines()[-1])["reason"] == "stdin_closed"

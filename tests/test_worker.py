@@ -617,7 +617,8 @@ def test_end_of_stdin_mid_job_finishes_the_job(spawn, demo_model, tmp_path):
     client.send({"cmd": "separate", "input": str(mix), "output": str(out), "id": "last"})
     client.close_stdin()
     messages = client.drain(timeout=300)
-    assert [m["status"] for m in messages] == ["separating", "done", "shutdown"]
+    # heartbeats (a repeated status line after 10 s of silence) come on a slow or busy machine
+    assert [m["status"] for m in messages if not m.get("heartbeat")] == ["separating", "done", "shutdown"]
     assert client.wait_exit() == 0 and out.exists()
 
 
