@@ -81,7 +81,9 @@ def test_bundle_layout(frozen_exe: Path):
     assert any((lib / "_soundfile_data").glob("*sndfile*")), "soundfile's bundled libsndfile is missing"
     # Test-time oracles and what only torch.compile needs stay out of the runtime.
     for name in ("transformers", "networkx", "jinja2", "torchvision", "torchaudio", "pytest",
-                 "hypothesis", "setuptools", "pip", "tkinter", "scipy", "matplotlib"):
+                 "hypothesis", "setuptools", "pip", "tkinter", "scipy", "matplotlib",
+                 # the ray extra (cluster folder runs) is a pip install, never the frozen worker
+                 "ray", "pyarrow", "pandas", "requests", "dsu_audiosep/distributed/run.pyc"):
         assert not (lib / name).exists(), f"{name} was bundled"
     # Eager torch code imports these lazily (torch._check, torch._disable_dynamo).
     for name in ("sympy", "mpmath", "torch/_dynamo", "torch/_inductor"):

@@ -37,3 +37,4 @@ DISK_FULL = "disk_full"
 OUT_OF_MEMORY = "out_of_memory"
 CANCELLED = "cancelled"
 INTERNAL_ERROR = "internal_error"
+WORKER_LOST = "worker_lost"              # a cluster run's actor died on this file past its retries
