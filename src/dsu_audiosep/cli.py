@@ -5,6 +5,8 @@ before torch is imported, and ``--version`` must be instant.
 
     dsu-audiosep --worker [worker settings: flags from dsu_audiosep.options, see --help]
     dsu-audiosep separate INPUT OUTPUT --text "..." (--checkpoint CKPT | --model-dir DIR) [...]
+    dsu-audiosep separate INPUT... --out-dir DIR --text "..." [--text ...] [--name-template T]
+                 [--skip-existing] [--manifest FILE.jsonl] (folder run, see folder/)
     dsu-audiosep convert ...   (see dsu-audiosep convert --help)
     dsu-audiosep demo ...      (see dsu-audiosep demo --help)
     dsu-audiosep --version
@@ -59,20 +61,30 @@ def _worker_flags(ns: Any) -> dict[str, Any]:
     return flags
 
 
-def _separate_parser():
+def _separate_parser(folder: bool = False):
     """``separate`` flags, from the options table: every field of load_model and separate that has
-    a command-line spelling (input and output are the positional arguments)."""
+    a command-line spelling (input and output are the positional arguments). ``folder``: the
+    folder run (inputs, --out-dir, one or more --text)."""
     import argparse
 
     from .options import BOOL, LOAD, SEPARATE, SETTINGS
 
-    parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate one file (one-shot).")
-    for setting in SETTINGS:
-        if setting.required and SEPARATE in setting.commands:
-            parser.add_argument(setting.name, metavar=setting.name.upper(), help=setting.help)
+    if folder:
+        from .folder.local import REPEATED, add_folder_arguments
+
+        parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate files, folders and globs into --out-dir.")
+        add_folder_arguments(parser)
+    else:
+        parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate one file (one-shot); "
+                                         "INPUT... --out-dir DIR for many files.")
+        for setting in SETTINGS:
+            if setting.required and SEPARATE in setting.commands:
+                parser.add_argument(setting.name, metavar=setting.name.upper(), help=setting.help)
     for setting in SETTINGS:
         if not {LOAD, SEPARATE} & set(setting.commands) or not setting.cli_flag:
             continue
+        if folder and setting.name in REPEATED:
+            continue  # repeated: one output per query per file (_folder_arguments)
         default = "" if setting.default is None else f" (default {setting.default})"
         if setting.kind is BOOL:
             parser.add_argument(setting.cli_flag, dest=setting.name, action="store_const", const=True,
@@ -102,9 +114,26 @@ def _separate_commands(ns: Any) -> tuple[dict, dict]:
     return load, job
 
 
+def _is_folder_run(argv: Sequence[str]) -> bool:
+    return any(a == "--out-dir" or a.startswith("--out-dir=") for a in argv)
+
+
 def _separate_main(argv: Sequence[str]) -> int:
     from .errors import INVALID_FIELD
 
+    if _is_folder_run(argv):
+        from .folder.local import folder_main
+
+        from .folder.local import take_queries
+
+        ns = _separate_parser(folder=True).parse_args(list(argv))
+        texts = take_queries(ns)
+        try:
+            load, job = _separate_commands(ns)
+        except ValueError as exc:
+            sys.stderr.write(f"{PROG}: error ({INVALID_FIELD}): {exc}\n")
+            return 1
+        return folder_main(ns, texts, load, job)
     ns = _separate_parser().parse_args(list(argv))
     try:
         load, job = _separate_commands(ns)

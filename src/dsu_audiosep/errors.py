@@ -33,6 +33,7 @@ INVALID_CONFIG = "invalid_config"
 DEVICE_UNAVAILABLE = "device_unavailable"
 MODEL_NOT_LOADED = "model_not_loaded"
 OUTPUT_ERROR = "output_error"            # cannot write the output (folder, permission, same as input)
+DUPLICATE_OUTPUT = "duplicate_output"    # two queries or jobs of one command write the same file
 DISK_FULL = "disk_full"
 OUT_OF_MEMORY = "out_of_memory"
 CANCELLED = "cancelled"

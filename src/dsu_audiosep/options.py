@@ -23,7 +23,7 @@ import numbers
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable
 
-from .errors import INVALID_FIELD, AudioSepError
+from .errors import INVALID_FIELD, MISSING_FIELD, AudioSepError
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -158,6 +158,36 @@ def _sample_rate(low: int, high: int) -> Callable[[Any, bool], Any]:
     return check
 
 
+# The fields of one entry of ``queries`` (stems), each checked by its own setting of the table;
+# an entry needs ``output`` and one of QUERY_NEEDS (how the model is asked). Other kinds of query
+# join both tuples.
+QUERY_FIELDS = ("text", "output", "mode")
+QUERY_NEEDS = ("text",)
+QueryArgs = make_dataclass("QueryArgs", [(n, Any, field(default=None)) for n in QUERY_FIELDS], frozen=True)
+
+
+def _queries(value: Any, lenient: bool) -> Any:
+    """A list of query objects -> a tuple of QueryArgs; raises with the entry's index when one is wrong."""
+    if not isinstance(value, list):
+        return None
+    if not value:
+        raise AudioSepError(INVALID_FIELD, '"queries" is empty: give at least one {"text": ..., "output": ...}')
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise AudioSepError(INVALID_FIELD, f'"queries"[{i}] must be an object, got {json_type(item)}')
+        try:
+            fields = {n: BY_NAME[n].from_json(item.get(n)) for n in QUERY_FIELDS}
+        except AudioSepError as exc:
+            raise AudioSepError(exc.code, f'"queries"[{i}]: {exc.message}') from None
+        if fields["output"] is None:
+            raise AudioSepError(MISSING_FIELD, f'"queries"[{i}] needs "output" (where its sound is written)')
+        if all(fields[n] is None for n in QUERY_NEEDS):
+            raise AudioSepError(MISSING_FIELD, f'"queries"[{i}] needs ' + " or ".join(f'"{n}"' for n in QUERY_NEEDS))
+        out.append(QueryArgs(**fields))
+    return tuple(out)
+
+
 def choice(*names: str, aliases: dict[str, str] | None = None, fold: Callable[[str], str] = str.lower) -> Kind:
     table = {fold(n): n for n in names}
     table.update({fold(a): n for a, n in (aliases or {}).items()})
@@ -173,6 +203,7 @@ PATH = Kind("a path string (not empty, no NUL, no lone surrogates)", _path, "PAT
 TEXT = Kind("a string", _text, "TEXT")
 DEVICE = Kind('a device name such as "cpu", "cuda", "cuda:1", "mps" or "auto"', _name, "D")
 OUTPUT_SR_RANGE = (1000, 768000)
+QUERIES = Kind('a non-empty list of objects {"text", "output", "mode"?}', _queries, "")
 SAMPLE_RATE = Kind(f"a sample rate in Hz from {OUTPUT_SR_RANGE[0]} to {OUTPUT_SR_RANGE[1]} (e.g. 44100) or \"input\"",
                    _sample_rate(*OUTPUT_SR_RANGE), "HZ|input")
 
@@ -277,7 +308,10 @@ SETTINGS: tuple[Setting, ...] = (
             "sample format of the output", (SEPARATE,)),
     Setting("output_channels", choice("stereo", "input"), "stereo", "stereo, or the input's channels", (SEPARATE,)),
     Setting("mode", choice("extract", "remove"), "extract", "extract the sound, or remove it from the mix", (SEPARATE,)),
-    Setting("residual_output", PATH, None, "also write the rest of the mixture here", (SEPARATE,)),
+    Setting("residual_output", PATH, None, "also write the rest of the mixture here (with queries: minus every extracted sound)",
+            (SEPARATE,)),
+    Setting("queries", QUERIES, None, "stems: several queries on one read of the input, each with its own output "
+            "(replaces output and text)", (SEPARATE,), cli=""),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 WORKER_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.worker)
@@ -286,6 +320,22 @@ POLICY_SETTINGS: tuple[Setting, ...] = tuple(s for s in WORKER_SETTINGS if s.pol
 
 def for_command(cmd: str) -> tuple[Setting, ...]:
     return tuple(s for s in SETTINGS if cmd in s.commands)
+
+
+# What ``queries`` replaces on a separate command: each query has its own output and text.
+STEMS_REPLACE = ("output", "text")
+
+
+def missing_fields(cmd: str, obj: dict) -> list[str]:
+    """The required fields a command object lacks. With ``queries``, the outputs are in the
+    queries, and ``output``/``text`` beside them would be ambiguous (an error)."""
+    missing = [s.name for s in for_command(cmd) if s.required and obj.get(s.name) is None]
+    if cmd == SEPARATE and obj.get("queries") is not None:
+        given = [n for n in STEMS_REPLACE if obj.get(n) is not None]
+        if given:
+            raise AudioSepError(INVALID_FIELD, f'give "queries" or "output"/"text", not both ({", ".join(given)} given)')
+        missing = [m for m in missing if m not in STEMS_REPLACE]
+    return missing
 
 
 def args_record(cmd: str, class_name: str) -> type:

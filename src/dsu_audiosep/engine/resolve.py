@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from .. import options
+from .queries import Query, QueryWhat
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,14 @@ class JobPlan:
     chunked: bool
     chunk_length: float  # kept centre per window when chunked (also the base of OOM retries)
     warnings: tuple[str, ...] = ()
+    # Stems: every query run on the same windows (output_path and text are the first one's). Empty
+    # for a plain one-query job, whose residual is "the other output" (the rest, or under
+    # "remove" the removed sound); with queries it is the mixture minus every extracted sound.
+    queries: tuple[Query, ...] = ()
+
+    @property
+    def all_queries(self) -> tuple[Query, ...]:
+        return self.queries or (Query.of_text(self.text, self.output_path, self.options.mode),)
 
 
 def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
@@ -190,9 +199,11 @@ def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
 
 
 def plan_job(input_path: str, output_path: str, text: str, options: SeparateOptions, info: AudioProbe | None, *,
-             use_torch_stft: bool | str, auto_stft_seconds: float, device: str, precision: str) -> JobPlan:
+             use_torch_stft: bool | str, auto_stft_seconds: float, device: str, precision: str,
+             queries: tuple[Query, ...] = ()) -> JobPlan:
     """Decide the STFT and the chunking of one job. ``use_torch_stft`` is the setting in force
-    (True, False or "auto": torch.stft from ``auto_stft_seconds`` of input on)."""
+    (True, False or "auto": torch.stft from ``auto_stft_seconds`` of input on). ``queries``: a
+    stems job (``output_path``/``text`` then repeat the first query's)."""
     duration = info.duration if info is not None else None
     mode, stft = stft_mode(use_torch_stft)
     if mode == "auto":
@@ -208,16 +219,25 @@ def plan_job(input_path: str, output_path: str, text: str, options: SeparateOpti
         chunked = True
     return JobPlan(input_path=input_path, output_path=output_path, text=text, options=options, info=info,
                    use_torch_stft_mode=mode, use_torch_stft=stft, chunked=chunked, chunk_length=chunk_length,
-                   warnings=tuple(warnings))
+                   warnings=tuple(warnings), queries=tuple(queries))
+
+
+def requested_queries(requested: Any, default_mode: str) -> tuple[Query, ...]:
+    """The ``queries`` of a separate command as engine records (paths expanded, each query's
+    mode falling back to the command's)."""
+    return tuple(Query(QueryWhat(q.text), os.path.expanduser(q.output), q.mode or default_mode)
+                 for q in requested.queries or ())
 
 
 def plan_requested_job(requested: Any, load: LoadPlan, probe: Callable[[str], AudioProbe | None]) -> JobPlan:
     """A worker job: ``requested`` holds the separate fields (input, output, text, the options;
     None = not given), ``load`` the values they fall back to, ``probe`` reads the input's length."""
     input_path = os.path.expanduser(requested.input)
+    opts = job_options(requested, load)
+    queries = requested_queries(requested, opts.mode)
+    first = queries[0] if queries else Query.of_text(requested.text, os.path.expanduser(requested.output), opts.mode)
     return plan_job(
-        input_path, os.path.expanduser(requested.output), requested.text, job_options(requested, load),
-        probe(input_path),
+        input_path, first.output, first.text, opts, probe(input_path), queries=queries,
         use_torch_stft=_given(requested.use_torch_stft, load.use_torch_stft),
         auto_stft_seconds=_given(requested.auto_stft_seconds, load.auto_stft_seconds),
         device=load.device, precision=load.precision,

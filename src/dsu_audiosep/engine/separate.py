@@ -29,6 +29,7 @@ from .audio_read import BlockReader, probe
 from .audio_write import OutputPlan, prepare_output, same_file
 from .chunking import Window, plan_windows, seconds_to_samples
 from .output_options import OutputOptions, map_channels, output_channel_count
+from .queries import Query, check_distinct_outputs, condition
 from .resampling import StreamResampler, resampled_length
 from .resolve import JobPlan, SeparateOptions, plan_job
 
@@ -121,9 +122,12 @@ class _Pipeline:
     """
 
     def __init__(self, model, reader_path: str, plans: list[OutputPlan], options: SeparateOptions,
-                 cond: torch.Tensor, chunk_samples: int | None, progress, cancelled, warnings: list[str]):
+                 queries: tuple[Query, ...], conds: list[torch.Tensor], stems: bool,
+                 chunk_samples: int | None, progress, cancelled, warnings: list[str]):
+        # plans: one per query, in order, then the residual's if asked for
         self.model, self.path, self.plans, self.opt = model, reader_path, plans, options
-        self.cond, self.chunk_samples = cond, chunk_samples
+        self.queries, self.conds, self.stems, self.chunk_samples = queries, conds, stems, chunk_samples
+        self.residual = len(plans) > len(queries)
         self.progress, self.cancelled, self.warnings = progress, cancelled, warnings
         self.parallel = _resample_in_threads(model.device)
 
@@ -171,7 +175,7 @@ class _Pipeline:
                     w.open()
                 for t in threads:
                     t.start()
-                done = 0
+                done, total = 0, max(1, n32) * len(self.conds)
                 while True:
                     if self.cancelled is not None and self.cancelled():
                         raise AudioSepError(CANCELLED, "separation cancelled")
@@ -179,11 +183,14 @@ class _Pipeline:
                     if item is _END:
                         break
                     win, seg = item
-                    y = _run_window(self.model, seg, self.cond)
-                    _put(separated, (win, y[:, win.keep_start - win.start : win.keep_end - win.start]), stop)
-                    done += win.keep_end - win.keep_start
-                    if self.progress is not None:
-                        self.progress(done / max(1, n32))
+                    kept = []
+                    for cond in self.conds:  # every query on the same window: one read for all
+                        y = _run_window(self.model, seg, cond)
+                        kept.append(y[:, win.keep_start - win.start : win.keep_end - win.start])
+                        done += win.keep_end - win.keep_start
+                        if self.progress is not None:
+                            self.progress(done / total)
+                    _put(separated, (win, kept), stop)
                 _put(separated, _END, stop)
                 for t in threads:
                     t.join()
@@ -249,7 +256,7 @@ class _Pipeline:
     def _write(self, writers, windows: list[Window], c_sep: int, out_sr: int, out_frames: int,
                mix_fifo: deque, separated: queue.Queue, stop: threading.Event) -> None:
         """Resample each window's kept centre back to the output rate and write it, in order."""
-        back = StreamResampler(c_sep, SAMPLE_RATE, out_sr, parallel=self.parallel)
+        backs = [StreamResampler(c_sep, SAMPLE_RATE, out_sr, parallel=self.parallel) for _ in self.queries]
         last_win = windows[-1]
         while True:
             item = _get(separated, stop)
@@ -257,23 +264,24 @@ class _Pipeline:
                 return
             win, kept = item
             last = win is last_win
-            out = back.process(kept, last=last, length=out_frames if last else None)
-            self._emit(writers, out, mix_fifo)
+            outs = [back.process(k, last=last, length=out_frames if last else None) for back, k in zip(backs, kept)]
+            self._emit(writers, outs, mix_fifo)
 
     def _needs_mixture(self) -> bool:
         """The mixture at the output rate is needed for "remove" and for a residual output."""
-        return self.opt.mode == "remove" or len(self.plans) > 1
+        return self.residual or any(q.mode == "remove" for q in self.queries)
 
-    def _emit(self, writers, out: np.ndarray, mix_fifo: deque) -> None:
-        n = out.shape[1]
+    def _emit(self, writers, outs: list[np.ndarray], mix_fifo: deque) -> None:
+        n = outs[0].shape[1]  # the same resampling of the same lengths: every query's block is as long
         if n == 0:
             return
-        mix = _take(mix_fifo, n, out.shape[0]) if self._needs_mixture() else None
-        extracted = out
-        primary = extracted if self.opt.mode == "extract" else mix - extracted
-        blocks = [primary]
-        if len(writers) > 1:
-            blocks.append(mix - extracted if self.opt.mode == "extract" else extracted)
+        mix = _take(mix_fifo, n, outs[0].shape[0]) if self._needs_mixture() else None
+        blocks = [out if q.mode == "extract" else mix - out for q, out in zip(self.queries, outs)]
+        if self.residual:
+            if not self.stems and self.queries[0].mode == "remove":
+                blocks.append(outs[0])  # a plain job's residual is its other output: the removed sound
+            else:
+                blocks.append(mix - np.sum(outs, axis=0) if len(outs) > 1 else mix - outs[0])
         for w, plan, b in zip(writers, self.plans, blocks):
             w.write(map_channels(b, plan.channel_mode) if plan.channels != b.shape[0] else b)
 
@@ -299,6 +307,16 @@ def _take(fifo: deque, n: int, channels: int) -> np.ndarray:
     return out
 
 
+def _check_files_distinct(input_path: str, targets: list[str]) -> None:
+    """The files themselves (links, case-folding file systems): none is the input, none twice."""
+    for i, t in enumerate(targets):
+        if same_file(t, input_path):
+            raise AudioSepError(OUTPUT_ERROR, f"output {t} is the input file; choose another output path")
+        for other in targets[:i]:
+            if same_file(t, other):
+                raise AudioSepError(OUTPUT_ERROR, f"outputs {other} and {t} are the same file")
+
+
 def separate_file(model, input_path: str, output_path: str, text: str, options: SeparateOptions | None = None,
                   progress: Callable[[float], None] | None = None,
                   cancelled: Callable[[], bool] | None = None) -> SeparationResult:
@@ -314,20 +332,17 @@ def separate_file(model, input_path: str, output_path: str, text: str, options: 
 def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = None,
              cancelled: Callable[[], bool] | None = None) -> SeparationResult:
     """Run a planned job (see engine/resolve.py) on ``model``, whose STFT the caller has set."""
-    input_path, output_path, opt = plan.input_path, plan.output_path, plan.options
+    input_path, opt, queries = plan.input_path, plan.options, plan.all_queries
     warnings: list[str] = list(plan.warnings)
+    targets = [q.output for q in queries] + ([opt.residual_output] if opt.residual_output else [])
+    check_distinct_outputs(input_path, targets)
     # A file that could not be probed while planning is probed again here, so that its read
     # error is the one reported.
     info = plan.info if plan.info is not None else probe(input_path)
-    targets = [output_path] + ([opt.residual_output] if opt.residual_output else [])
-    for t in targets:
-        if same_file(t, input_path):
-            raise AudioSepError(OUTPUT_ERROR, f"output {t} is the input file; choose another output path")
-    if len(targets) == 2 and same_file(targets[0], targets[1]):
-        raise AudioSepError(OUTPUT_ERROR, "output and residual_output are the same file")
+    _check_files_distinct(input_path, targets)
     out_opts = OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
     plans = [prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
-    cond = model.embed_text(plan.text)
+    conds = [condition(model, q.what) for q in queries]
 
     duration = info.frames / info.samplerate
     chunked, chunk_len = plan.chunked, plan.chunk_length
@@ -338,7 +353,8 @@ def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = No
         model.release_text_pages()
     while True:
         chunk_samples = seconds_to_samples(chunk_len) if chunked else None
-        pipe = _Pipeline(model, input_path, plans, opt, cond, chunk_samples, progress, cancelled, warnings)
+        pipe = _Pipeline(model, input_path, plans, opt, queries, conds, bool(plan.queries), chunk_samples,
+                         progress, cancelled, warnings)
         try:
             n_windows = pipe.run()
             break

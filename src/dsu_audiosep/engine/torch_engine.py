@@ -117,6 +117,8 @@ class TorchEngine:
         details: dict[str, Any] = {"duration": result.duration, "chunked": result.chunked}
         if result.warnings:
             details["warnings"] = [str(w) for w in result.warnings]
+        if plan.queries:  # stems: each query with its file, in order (the residual's file comes last)
+            details["queries"] = [dict(q.describe(), file=str(f)) for q, f in zip(plan.queries, result.files)]
         return JobOutcome(files=[str(f) for f in result.files], details=details)
 
     # ---- housekeeping ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
 from .. import errors, options
+from ..engine.queries import check_distinct_outputs
 from ..errors import AudioSepError
 
 # A 10 MB line must work; anything beyond this is refused as a whole (and its bytes dropped)
@@ -290,7 +291,7 @@ def _parse_fields(cmd: str, obj: dict) -> Args:
     "checkpoint_path or model_dir" is checked by the worker: like the original worker it falls
     back to checkpoint/audiosep_base_4M_steps.ckpt beside the executable when that file exists.)"""
     settings = options.for_command(cmd)
-    missing = [s.name for s in settings if s.required and obj.get(s.name) is None]
+    missing = options.missing_fields(cmd, obj)
     if missing:
         raise AudioSepError(
             errors.MISSING_FIELD,
@@ -298,7 +299,21 @@ def _parse_fields(cmd: str, obj: dict) -> Args:
         )
     values = {s.name: s.from_json(obj.get(s.name)) for s in settings}
     # JSON null means "not given": the record's default (the seed's query for text) stays.
-    return _ARGS_RECORDS[cmd](**{k: v for k, v in values.items() if v is not None})
+    # (with queries, the record's required output is given as None: each query has its own)
+    args = _ARGS_RECORDS[cmd](**{k: v for k, v in values.items() if v is not None or k in settings_required(settings)})
+    if cmd == options.SEPARATE:
+        check_distinct_outputs(args.input, separate_outputs(args))
+    return args
+
+
+def settings_required(settings: tuple[options.Setting, ...]) -> set[str]:
+    return {s.name for s in settings if s.required}
+
+
+def separate_outputs(args: Any) -> list[str]:
+    """Every file a separate command writes, in reply order (queries, or output; then residual)."""
+    outputs = [q.output for q in args.queries] if args.queries else [args.output]
+    return outputs + ([args.residual_output] if args.residual_output else [])
 
 
 def _progress_flag(obj: dict) -> bool:
