@@ -16,6 +16,7 @@ resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -161,9 +162,10 @@ class Tally:
 
 def run_distributed(jobs: Sequence[Any], load: dict[str, Any], fields: dict[str, Any], pool: S.PoolRequest,
                     address: str | None, manifest: Any, progress: RayProgress, tally: Tally,
-                    warn: Callable[[str], None]) -> dict[str, Any]:
+                    figures: dict[str, Any], warn: Callable[[str], None]) -> None:
     """Jobs that need no model (planning errors, everything skipped) are reported here; the rest
-    go through the pool. Returns the cluster figures of the summary."""
+    go through the pool. ``figures``: the summary's cluster figures, filled in as they are known
+    (an interrupted run still reports them)."""
     from ..folder.plan import run_file_job
 
     todo = [j for j in jobs if j.outputs and j.error is None]
@@ -173,12 +175,13 @@ def run_distributed(jobs: Sequence[Any], load: dict[str, Any], fields: dict[str,
             manifest.write(results)
             tally.add(results)
             progress.file_done(job, results)
+    figures["actors"] = 0
     if not todo:
-        return {"actors": 0}
+        return
     started = time.monotonic()
     session = S.connect(address, pool, warn)
     try:
-        figures = {"actors": session.actors, "startup": round(time.monotonic() - started, 3)}
+        figures.update(actors=session.actors, startup=round(time.monotonic() - started, 3))
         progress.restart_clock()
         finished: set[int] = set()
         for index, results, host in stream_jobs(todo, load, fields, pool, session.actors):
@@ -194,7 +197,6 @@ def run_distributed(jobs: Sequence[Any], load: dict[str, Any], fields: dict[str,
                 manifest.write(results)
                 tally.add(results)
                 progress.file_done(job, results)
-        return figures
     finally:
         S.disconnect(session)
         _sweep_partials(todo)
@@ -215,59 +217,87 @@ def _sweep_partials(todo: Sequence[Any]) -> None:
 def ray_main(ns: Any, texts: list[str], load: dict[str, Any], job: dict[str, Any]) -> int:
     """``dsu-audiosep separate INPUT... --out-dir DIR --ray``: stdout gets one JSON summary line,
     as the local folder run's (plus the cluster's figures); exit 1 when any output failed, 130
-    when interrupted."""
-    from ..engine.torch_engine import TorchEngine
-    from ..folder.plan import Manifest, expand_inputs, plan_run
-    from ..worker import protocol as P
+    when interrupted. Ray prints its workers' and raylet's messages on the driver's stdout; they
+    go to stderr here, so that stdout stays one JSON line."""
     from ..worker.failures import describe_exception
-    from .flags import pool_request
 
-    def warn(message: str) -> None:
-        sys.stderr.write(f"dsu-audiosep: warning: {message}\n")
+    stdout = sys.stdout
+    run = _Run(ns, texts, load, job)
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            run.execute()
+            status, code = "done", 1 if run.tally.failed else 0
+        except KeyboardInterrupt:
+            status, code = "interrupted", EXIT_INTERRUPTED
+        except BaseException as exc:  # a failure before or around the pool (model files, cluster): no run
+            code, message, _extra = describe_exception(exc, lambda: None)
+            sys.stderr.write(f"dsu-audiosep: error ({code}): {message}\n")
+            return 1
+        finally:
+            run.close()
+    return _summarize(status, code, run, stdout)
 
-    engine = TorchEngine()  # for probing inputs only: torch is never imported by the driver
-    fields = {k: v for k, v in job.items() if v is not None and k not in ("cmd", "input", "output", "text")}
-    pool = pool_request(ns)
-    tally, manifest, jobs, progress = Tally(), None, [], None
-    started = time.monotonic()
-    try:
-        P.parse_object({"cmd": "separate", "input": "-", "output": "-.wav", **fields})
-        load_args = P.parse_object({k: v for k, v in load.items() if v is not None}).args
+
+class _Run:
+    """One distributed folder run: its plan, manifest, progress and counts."""
+
+    def __init__(self, ns: Any, texts: list[str], load: dict[str, Any], job: dict[str, Any]):
+        from .flags import pool_request
+
+        self.ns, self.texts, self.load = ns, texts, load
+        self.fields = {k: v for k, v in job.items() if v is not None and k not in ("cmd", "input", "output", "text")}
+        self.pool = pool_request(ns)
+        self.tally, self.figures = Tally(), {}
+        self.jobs: list[Any] = []
+        self.manifest: Any = None
+        self.progress: RayProgress | None = None
+        self.started = time.monotonic()
+
+    def execute(self) -> None:
+        from ..engine.torch_engine import TorchEngine
+        from ..folder.plan import Manifest, expand_inputs, plan_run
+        from ..worker import protocol as P
+
+        ns = self.ns
+        engine = TorchEngine()  # probes the inputs; torch is never imported by the driver
+        P.parse_object({"cmd": "separate", "input": "-", "output": "-.wav", **self.fields})
+        load_args = P.parse_object({k: v for k, v in self.load.items() if v is not None}).args
         inputs, missing = expand_inputs(ns.inputs, exclude_dir=ns.out_dir)
-        jobs = plan_run(inputs, missing, texts, ns.out_dir, ns.name_template, ns.skip_existing, probe=engine.probe)
-        model = _model_fields(load_args, load) if any(j.outputs and j.error is None for j in jobs) else {}
+        self.jobs = plan_run(inputs, missing, self.texts, ns.out_dir, ns.name_template, ns.skip_existing,
+                             probe=engine.probe)
+        model = _model_fields(load_args, self.load) if any(j.outputs and j.error is None for j in self.jobs) else {}
         os.makedirs(ns.out_dir, exist_ok=True)
-        manifest = Manifest(ns.manifest)
-        progress = RayProgress(jobs, sys.stderr, terminal=sys.stderr.isatty())
-        figures = run_distributed(jobs, model, fields, pool, ns.ray_address, manifest, progress, tally, warn)
-        status, code = "done", 1 if tally.failed else 0
-    except KeyboardInterrupt:
-        status, code, figures = "interrupted", EXIT_INTERRUPTED, {}
-    except BaseException as exc:  # a failure before or around the pool (model files, cluster): no run
-        code, message, _extra = describe_exception(exc, lambda: None)
-        sys.stderr.write(f"dsu-audiosep: error ({code}): {message}\n")
-        return 1
-    finally:
-        if manifest is not None:
-            manifest.close()
-        if progress is not None:
-            progress.close()
-    return _summarize(status, code, jobs, tally, figures, progress, time.monotonic() - started)
+        self.manifest = Manifest(ns.manifest)
+        self.progress = RayProgress(self.jobs, sys.stderr, terminal=sys.stderr.isatty())
+        run_distributed(self.jobs, model, self.fields, self.pool, ns.ray_address, self.manifest, self.progress,
+                        self.tally, self.figures, _warn)
+
+    def close(self) -> None:
+        if self.manifest is not None:
+            self.manifest.close()
+        if self.progress is not None:
+            self.progress.close()
 
 
-def _summarize(status: str, code: int, jobs: Sequence[Any], tally: Tally, figures: dict[str, Any],
-               progress: RayProgress | None, elapsed: float) -> int:
+def _warn(message: str) -> None:
+    sys.stderr.write(f"dsu-audiosep: warning: {message}\n")
+
+
+def _summarize(status: str, code: int, run: _Run, stdout: TextIO) -> int:
+    progress, tally, jobs = run.progress, run.tally, run.jobs
+    elapsed = time.monotonic() - run.started
     per_min, realtime = progress.rates() if progress is not None else (0.0, 0.0)
     audio_s = progress.done_s if progress is not None else 0.0
-    summary = {"status": status, "files": len(jobs), **dataclasses.asdict(tally), **figures,
+    summary = {"status": status, "files": len(jobs), **dataclasses.asdict(tally), **run.figures,
                "elapsed": round(elapsed, 3), "audio_seconds": round(audio_s, 3),
                "files_per_minute": round(per_min, 2), "realtime_factor": round(realtime, 3)}
     done = progress.done_files if progress is not None else 0
     sys.stderr.write(
         f"dsu-audiosep: {status}: {done}/{len(jobs)} files, {tally.written} outputs written, {tally.skipped} skipped, "
         f"{tally.failed} failed; {audio_s / 3600:.3f} h audio in {elapsed:.1f} s "
-        f"({per_min:.1f} files/min, {realtime:.2f}x real time on {figures.get('actors', 0)} actors)\n")
+        f"({per_min:.1f} files/min, {realtime:.2f}x real time on {run.figures.get('actors', 0)} actors)\n")
     if status == "interrupted":
         sys.stderr.write("dsu-audiosep: interrupted; run the same command with --skip-existing to resume\n")
-    sys.stdout.write(json.dumps(summary) + "\n")
+    stdout.write(json.dumps(summary) + "\n")
+    stdout.flush()
     return code
