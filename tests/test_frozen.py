@@ -93,6 +93,17 @@ def test_bundle_layout(frozen_exe: Path):
         assert sorted(p.name.split(".")[0] for p in torch_bin.iterdir()) == ["torch_shm_manager"]
 
 
+
+def test_ray_is_refused_with_the_extra_named(frozen_exe: Path, tmp_path: Path):
+    # The cluster runner is a pip extra, never bundled: --ray says so instead of failing on an import.
+    (tmp_path / "in.wav").write_bytes(b"")
+    out = subprocess.run([str(frozen_exe), "separate", "in.wav", "--out-dir", "out", "--text", "x", "--ray"],
+                         capture_output=True, text=True, timeout=TIMEOUT, env=clean_env(), cwd=tmp_path)
+    assert out.returncode == 1, out
+    assert 'pip install "dsu-audiosep[ray]"' in out.stderr and "invalid_field" in out.stderr, out.stderr
+    assert out.stdout == "" and not (tmp_path / "out").exists()
+
+
 # -- start-up ------------------------------------------------------------------------------------
 
 
