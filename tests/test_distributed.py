@@ -215,6 +215,19 @@ def test_ctrl_c_stops_cleanly_and_skip_existing_resumes_without_redoing(inputs, 
         assert_same_function(sf.read(out / name, dtype="float32")[0], sf.read(local_run[0] / name, dtype="float32")[0])
 
 
+def test_a_model_that_does_not_load_is_each_file_s_error_not_a_crash(inputs, model_files, cluster, tmp_path):
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(Path(model_files["checkpoint_path"]).read_bytes()[:4096])
+    clip = str(inputs / "clip1.wav")
+    proc = _cli([clip, "--out-dir", "out", "--manifest", "m.jsonl", "--ray", "--ray-address", cluster, "--actors", "1",
+                 "--checkpoint", str(bad), "--roberta-dir", str(model_files["roberta_dir"]), "--text", "x"], tmp_path)
+    rc, summary, err = _finish(proc)
+    assert rc == 1 and (summary["written"], summary["failed"]) == (0, 1), (summary, err)
+    [line] = _manifest(tmp_path / "m.jsonl")
+    assert line["code"] == "invalid_checkpoint" and str(bad) in line["error"] and line["input"] == clip
+    assert "Traceback" not in err  # one clear line per file, not Ray's page of tracebacks
+
+
 def test_cluster_flags_need_ray_and_check_their_values(tmp_path, inputs):
     proc = _cli([str(inputs), "--out-dir", "out", "--text", "x", "--actors", "2"], tmp_path)
     rc, err = proc.wait(timeout=60), proc.stderr.read()

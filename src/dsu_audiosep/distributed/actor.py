@@ -9,6 +9,7 @@ here: Ray imports this class on each node from the installed package.
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import socket
 from typing import Any
@@ -21,11 +22,28 @@ class FileSeparator:
 
     def __init__(self, load: dict[str, Any], fields: dict[str, Any], threads: int | None = None):
         from ..engine.torch_engine import TorchEngine
+        from ..worker.failures import describe_exception
+
+        self.engine = TorchEngine()
+        self.fields = dict(fields)
+        self.host = socket.gethostname()
+        self.failure: tuple[str, str] | None = None
+        try:
+            self._load(load, threads)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            # Raised here, Ray would restart the actor a few times and abort the run with its own
+            # wrapper of the error (our code lost, a page of tracebacks). Kept, every file this
+            # actor gets is an error result with the code and the reason: one clear line each.
+            code, message, _extra = describe_exception(exc, self.engine.release_memory)
+            self.failure = (code, f"the model could not be loaded on {self.host}: {message}")
+
+    def _load(self, load: dict[str, Any], threads: int | None) -> None:
         from ..worker import protocol as P
         from ..worker.model_paths import check_exists, resolve_model_paths
         from ..worker.policy import resolve_settings
 
-        self.engine = TorchEngine()
         self.engine.start()
         if threads:
             import torch
@@ -36,8 +54,6 @@ class FileSeparator:
         self.load_plan = self.engine.plan_load(args, resolve_settings({}))
         check_exists(paths)
         self.model = self.engine.load_model(paths, self.load_plan, bool(args.trust_checkpoint))
-        self.fields = dict(fields)
-        self.host = socket.gethostname()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One row per job (batch_size 1, one job per block: a retried task redoes one file)."""
@@ -46,5 +62,9 @@ class FileSeparator:
         results = []
         for blob in batch["job"]:
             job = pickle.loads(bytes(blob))
-            results.append(pickle.dumps(run_file_job(self.engine, self.model, self.load_plan, job, self.fields)))
+            if self.failure is not None:
+                job = dataclasses.replace(job, error=self.failure)
+                results.append(pickle.dumps(run_file_job(self.engine, None, None, job, self.fields)))
+            else:
+                results.append(pickle.dumps(run_file_job(self.engine, self.model, self.load_plan, job, self.fields)))
         return {"index": batch["index"], "results": results, "host": [self.host] * len(results)}

@@ -126,8 +126,9 @@ def _lost(job: Any) -> list[Any]:
     from ..errors import WORKER_LOST
     from ..folder.plan import OutputResult
 
-    message = (f"the actor running this file died {S.MAX_TASK_RETRIES + 1} times (killed, out of memory or a "
-               "crash in a library); the other files went on")
+    message = (f"no result came back for this file: its actor died on each of {S.MAX_TASK_RETRIES + 1} tries "
+               "(killed, out of memory, a crash in a library) or failed outside the separation (the Ray "
+               "messages above say which); the other files went on")
     return [OutputResult(job.input, o.query, o.output, 0.0, message, WORKER_LOST) for o in job.outputs]
 
 
