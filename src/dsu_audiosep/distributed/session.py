@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 # Ray Data gives its actors unlimited restarts and unlimited task retries by default; a file that
 # kills its actor every time must not loop forever. Bounded: an actor is restarted at most
