@@ -53,6 +53,14 @@ PACKAGES = [
 # runs Python decompositions that do both. What only compiling/exporting needs goes: networkx,
 # jinja2, filelock, fsspec (torch.compile would fail, as it must here anyway: no compiler).
 EXCLUDES = [
+    # the ray extra (folder runs on a cluster): a pip install, never the frozen worker. Its
+    # modules import ray lazily, which the finder would otherwise follow into the bundle; only
+    # distributed.flags stays (the CLI parses --ray and says the extra is missing)
+    "dsu_audiosep.distributed.run", "dsu_audiosep.distributed.session", "dsu_audiosep.distributed.actor",
+    "ray", "pyarrow",
+    # installed with the ray extra; torch imports requests optionally (hub downloads), which a
+    # build in a venv without the extra never bundled
+    "requests", "urllib3", "certifi", "charset_normalizer", "idna",
     # test-time oracles and tooling
     "transformers", "huggingface_hub", "torchvision", "torchaudio", "torchcodec",
     "pytest", "_pytest", "hypothesis", "IPython", "cx_Freeze",

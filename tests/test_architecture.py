@@ -142,3 +142,26 @@ def test_modules_and_functions_are_readable_sizes():
                 if n > MAX_FUNCTION_LINES:
                     big.append(f"{name}.{node.name} (line {node.lineno}): {n} lines (at most {MAX_FUNCTION_LINES})")
     assert not big, "\n".join(big)
+
+
+def _external_imports(name: str) -> set[str]:
+    """Top-level names of the packages outside ours that ``name`` imports, anywhere in its body."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - {ROOT}
+
+
+def test_only_the_cluster_runner_imports_ray():
+    # The ray extra is optional and never in the frozen worker (setup_freeze.py excludes it):
+    # nothing the worker, the engine or the local CLI runs may import it, even lazily.
+    cluster = f"{ROOT}.distributed"
+    wrong = sorted(name for name in MODULES if {"ray", "pyarrow"} & _external_imports(name)
+                   and not name.startswith(cluster + "."))
+    assert not wrong, f"imports ray outside {cluster}: {wrong}"
+    assert "ray" in _external_imports(f"{cluster}.run")  # the check sees the lazy imports it guards against
+    # flags stays importable without the extra: the CLI builds its parser from it
+    assert not {"ray", "pyarrow"} & _external_imports(f"{cluster}.flags")

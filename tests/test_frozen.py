@@ -81,7 +81,9 @@ def test_bundle_layout(frozen_exe: Path):
     assert any((lib / "_soundfile_data").glob("*sndfile*")), "soundfile's bundled libsndfile is missing"
     # Test-time oracles and what only torch.compile needs stay out of the runtime.
     for name in ("transformers", "networkx", "jinja2", "torchvision", "torchaudio", "pytest",
-                 "hypothesis", "setuptools", "pip", "tkinter", "scipy", "matplotlib"):
+                 "hypothesis", "setuptools", "pip", "tkinter", "scipy", "matplotlib",
+                 # the ray extra (cluster folder runs) is a pip install, never the frozen worker
+                 "ray", "pyarrow", "pandas", "requests", "dsu_audiosep/distributed/run.pyc"):
         assert not (lib / name).exists(), f"{name} was bundled"
     # Eager torch code imports these lazily (torch._check, torch._disable_dynamo).
     for name in ("sympy", "mpmath", "torch/_dynamo", "torch/_inductor"):
@@ -89,6 +91,17 @@ def test_bundle_layout(frozen_exe: Path):
     torch_bin = lib / "torch" / "bin"
     if torch_bin.is_dir():  # Linux/macOS wheels; Windows wheels keep DLLs in torch/lib
         assert sorted(p.name.split(".")[0] for p in torch_bin.iterdir()) == ["torch_shm_manager"]
+
+
+
+def test_ray_is_refused_with_the_extra_named(frozen_exe: Path, tmp_path: Path):
+    # The cluster runner is a pip extra, never bundled: --ray says so instead of failing on an import.
+    (tmp_path / "in.wav").write_bytes(b"")
+    out = subprocess.run([str(frozen_exe), "separate", "in.wav", "--out-dir", "out", "--text", "x", "--ray"],
+                         capture_output=True, text=True, timeout=TIMEOUT, env=clean_env(), cwd=tmp_path)
+    assert out.returncode == 1, out
+    assert 'pip install "dsu-audiosep[ray]"' in out.stderr and "invalid_field" in out.stderr, out.stderr
+    assert out.stdout == "" and not (tmp_path / "out").exists()
 
 
 # -- start-up ------------------------------------------------------------------------------------

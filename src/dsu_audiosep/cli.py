@@ -7,6 +7,7 @@ before torch is imported, and ``--version`` must be instant.
     dsu-audiosep separate INPUT OUTPUT --text "..." (--checkpoint CKPT | --model-dir DIR) [...]
     dsu-audiosep separate INPUT... --out-dir DIR --text "..." [--text ...] [--name-template T]
                  [--skip-existing] [--manifest FILE.jsonl] (folder run, see folder/)
+                 [--ray [--ray-address A] [--actors N] ...] (on a Ray cluster, see distributed/)
     dsu-audiosep convert ...   (see dsu-audiosep convert --help)
     dsu-audiosep demo ...      (see dsu-audiosep demo --help)
     dsu-audiosep --version
@@ -74,6 +75,9 @@ def _separate_parser(folder: bool = False):
 
         parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate files, folders and globs into --out-dir.")
         add_folder_arguments(parser)
+        from .distributed.flags import add_ray_arguments
+
+        add_ray_arguments(parser)
     else:
         parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate one file (one-shot); "
                                          "INPUT... --out-dir DIR for many files.")
@@ -130,13 +134,23 @@ def _separate_main(argv: Sequence[str]) -> int:
         from .folder.local import take_queries
 
         ns = _separate_parser(folder=True).parse_args(list(argv))
-        texts = take_queries(ns)
+        queries = take_queries(ns)
         try:
             load, job = _separate_commands(ns)
         except ValueError as exc:
             sys.stderr.write(f"{PROG}: error ({INVALID_FIELD}): {exc}\n")
             return 1
-        return folder_main(ns, texts, load, job)
+        from .distributed.flags import ray_flag_misuse, ray_missing
+
+        misuse = ray_flag_misuse(ns) or (ray_missing() if ns.ray else None)
+        if misuse:
+            sys.stderr.write(f"{PROG}: error ({INVALID_FIELD}): {misuse}\n")
+            return 1
+        if ns.ray:
+            from .distributed.run import ray_main
+
+            return ray_main(ns, queries, load, job)
+        return folder_main(ns, queries, load, job)
     ns = _separate_parser().parse_args(list(argv))
     try:
         load, job = _separate_commands(ns)

@@ -40,3 +40,4 @@ CANCELLED = "cancelled"
 INVALID_QUERY = "invalid_query"          # query_audio list empty, span outside the file, bad query_embedding
 NO_AUDIO_BRANCH = "no_audio_branch"      # audio query, but the checkpoint / converted folder lacks the CLAP audio branch
 INTERNAL_ERROR = "internal_error"
+WORKER_LOST = "worker_lost"              # a cluster run's actor died on this file past its retries

@@ -143,7 +143,7 @@ def take_queries(ns: Any) -> list[FolderQuery]:
     return queries
 
 
-def folder_main(ns: Any, texts: list[FolderQuery], load: dict[str, Any], job: dict[str, Any]) -> int:
+def folder_main(ns: Any, queries: list[FolderQuery], load: dict[str, Any], job: dict[str, Any]) -> int:
     """``dsu-audiosep separate INPUT... --out-dir DIR``: plan, load the model once, run every file.
     stdout gets one JSON summary line; exit status 1 when any output failed."""
     import json
@@ -164,7 +164,7 @@ def folder_main(ns: Any, texts: list[FolderQuery], load: dict[str, Any], job: di
         P.parse_object({"cmd": "separate", "input": "-", "output": "-.wav", **fields})
         load_args = P.parse_object({k: v for k, v in load.items() if v is not None}).args
         inputs, missing = expand_inputs(ns.inputs, exclude_dir=ns.out_dir)
-        jobs = plan_run(inputs, missing, texts, ns.out_dir, ns.name_template, ns.skip_existing, probe=engine.probe)
+        jobs = plan_run(inputs, missing, queries, ns.out_dir, ns.name_template, ns.skip_existing, probe=engine.probe)
         manifest = Manifest(ns.manifest)
         model = load_plan = None
         if any(j.outputs and j.error is None for j in jobs):
