@@ -17,6 +17,6 @@ pip_install() {
 }
 echo "== setup: torch (constraints.txt)"
 pip_install -c constraints.txt torch
-echo "== setup: dsu-audiosep[test,freeze] (editable)"
-pip_install -c constraints.txt -e ".[test,freeze]"
+echo "== setup: dsu-audiosep[test,freeze,openvino] (editable)"
+pip_install -c constraints.txt -e ".[test,freeze,openvino]"
 "$py" -c "import sys, torch; print(f'== setup: python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}')"

@@ -238,6 +238,7 @@ class Setting:
 
 LOAD, SEPARATE = "load_model", "separate"
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+BACKENDS = ("auto", "torch", "openvino")  # engine/backends.py
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24": "PCM_24", "24": "PCM_24",
                    "INT24": "PCM_24", "FLOAT32": "FLOAT", "F32": "FLOAT", "32F": "FLOAT"}
@@ -264,6 +265,9 @@ SETTINGS: tuple[Setting, ...] = (
             per_device="30.72 s on CUDA (less when GPU memory is short), 9.6 s elsewhere"),
     Setting("precision", choice(*PRECISIONS), "fp32", "fp32 (exact), tf32 (CUDA matrix units), bf16 or fp16",
             (LOAD,), worker=True),
+    Setting("backend", choice(*BACKENDS), "auto", "runtime of the network on CPU in fp32: auto (measured table), torch or openvino",
+            (LOAD,), worker=True,
+            per_device="auto: openvino on x86-64 CPUs with AVX2 (when installed), torch elsewhere and on GPUs"),
     Setting("trust_checkpoint", BOOL, False, "unpickle without weights_only (runs code from the file)", (LOAD,),
             cli=""),
     # separate

@@ -67,6 +67,7 @@ class WorkerDefaults(Protocol):
     device: str
     mmap: bool
     precision: str
+    backend: str
     use_torch_stft: bool | str
     auto_stft_seconds: float
     chunk_seconds: float
@@ -114,6 +115,7 @@ class LoadPlan:
     auto_stft_seconds: float
     chunk_seconds: float
     chunk_length: float | None
+    backend: str = "auto"  # as asked; the backend in use is the model's (engine/backends.py)
 
     @property
     def stft_mode(self) -> str:
@@ -145,6 +147,7 @@ def plan_load(requested: Any, defaults: WorkerDefaults, resolve_device: Callable
         device=device,
         mmap=mmap,
         precision=_given(requested.precision, defaults.precision),
+        backend=_given(requested.backend, defaults.backend),
         use_torch_stft=stft,
         auto_stft_seconds=float(_given(requested.auto_stft_seconds, defaults.auto_stft_seconds)),
         chunk_seconds=float(_given(requested.chunk_seconds, defaults.chunk_seconds)),
