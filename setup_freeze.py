@@ -45,6 +45,17 @@ PACKAGES = [
     "safetensors",
     "yaml",
 ]
+# The CPU runtime of the separator body (engine/backend_openvino.py), when installed (the
+# `openvino` extra) and not turned off with DSU_FREEZE_OPENVINO=0 (the slim bundle: torch only).
+WITH_OPENVINO = os.environ.get("DSU_FREEZE_OPENVINO", "1") != "0" and importlib.util.find_spec("openvino") is not None
+if WITH_OPENVINO:
+    PACKAGES.append("openvino")
+# What of OpenVINO the CPU backend never uses: the GPU/NPU plugins, the front-ends other than
+# PyTorch (the export) and IR (reading it back), headers and CMake files (~70 MB).
+OPENVINO_UNUSED_LIBS = ("intel_gpu_plugin", "intel_npu_plugin", "tensorflow", "paddle", "jax_frontend",
+                        "gguf_frontend", "onnx_frontend")
+OPENVINO_UNUSED_DIRS = ("include", "cmake", "frontend/tensorflow", "frontend/paddle", "frontend/jax",
+                        "frontend/onnx")
 
 # Never needed at inference time. torch's compiler stack itself stays, because eager code
 # reaches it: every torch._check() imports torch.fx.experimental.symbolic_shapes (hence sympy,
@@ -81,6 +92,10 @@ EXCLUDES = [
     "sympy.liealgebras", "sympy.categories", "sympy.sandbox", "sympy.holonomic",
     "sympy.benchmarks",
 ]
+
+
+if not WITH_OPENVINO:
+    EXCLUDES.append("openvino")  # imported lazily by engine/backend_openvino.py: the finder would follow it
 
 
 def _test_packages(*top_level: str) -> list[str]:
@@ -171,7 +186,11 @@ def _prune(target: Path) -> None:
     # The torch hook copies every config.py as a file, even inside excluded packages: left
     # there they would turn those into importable namespace packages that fail half-way.
     excluded_dirs = [Path("lib", *name.split(".")) for name in EXCLUDES]
-    for rel in [Path("lib/torch/include"), Path("lib/torch/share"), *excluded_dirs]:
+    openvino_dirs = [Path("lib/openvino", d) for d in OPENVINO_UNUSED_DIRS]
+    for lib in (target / "lib" / "openvino" / "libs").glob("*"):
+        if any(tag in lib.name for tag in OPENVINO_UNUSED_LIBS):
+            lib.unlink()
+    for rel in [Path("lib/torch/include"), Path("lib/torch/share"), *excluded_dirs, *openvino_dirs]:
         p = target / rel
         if p.is_dir():
             shutil.rmtree(p)

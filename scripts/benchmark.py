@@ -4,6 +4,8 @@
     python scripts/benchmark.py                      # quick: start-up, load, text, 4 s and 40 s files
     python scripts/benchmark.py --long               # adds 10-minute and memory-vs-duration rows
     python scripts/benchmark.py --worker "python -m dsu_audiosep --worker"   # source instead of frozen
+    python scripts/benchmark.py --backend torch      # the network on torch (default auto); network rows
+                                                     # per backend and AVX2-only: scripts/bench_network.py
 
 Everything goes through the worker over pipes (the `elapsed` field of its replies), except the
 rows marked "API", which time the Python functions in this process. Model: the UNTRAINED demo
@@ -86,6 +88,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, nargs="*", default=[1, 10], help="durations for the memory rows (with --long)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dsu-audiosep-bench"))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--backend", default="auto", help="the network's backend: auto, torch or openvino (load_model field)")
     args = ap.parse_args()
     argv = shlex.split(args.worker) if args.worker else ([str(FROZEN), "--worker"] if FROZEN.exists() else default_argv())
     work = Path(args.work)
@@ -104,10 +107,14 @@ def main() -> int:
     conv_dir = work / "converted"
     if not (conv_dir / "config.json").exists():
         convert(checkpoint_path=paths["checkpoint_path"], roberta_dir=paths["roberta_dir"], out_dir=str(conv_dir))
-    load_orig = {"cmd": "load_model", "checkpoint_path": paths["checkpoint_path"], "roberta_dir": paths["roberta_dir"], "device": "cpu"}
-    load_conv = {"cmd": "load_model", "model_dir": str(conv_dir), "device": "cpu"}
+    load_orig = {"cmd": "load_model", "checkpoint_path": paths["checkpoint_path"], "roberta_dir": paths["roberta_dir"],
+                 "device": "cpu", "backend": args.backend}
+    load_conv = {"cmd": "load_model", "model_dir": str(conv_dir), "device": "cpu", "backend": args.backend}
+
+    from bench_network import cpu_line
 
     print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs; worker: {' '.join(argv)}", flush=True)
+    print(f"# CPU: {cpu_line()}", flush=True)
     # bare torch import, for the start-up target
     t_torch = []
     for _ in range(args.repeat):
@@ -137,6 +144,7 @@ def main() -> int:
     w = Worker(argv)
     r3 = w.call(load_conv)
     row("load_model converted folder (elapsed s)", f"{r3['elapsed']:.2f}")
+    row(f"backend (asked {args.backend!r}; model_loaded reports)", r3.get("backend", "torch (not reported)"))
 
     inputs = {s: make_input(work / f"in_{s:g}s.wav", s) for s in (4, 40)}
     out = work / "out.wav"
@@ -165,6 +173,9 @@ def main() -> int:
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     api_model = load_model(model_dir=str(conv_dir), device="cpu")
+    from dsu_audiosep.engine.backends import use_backend
+
+    use_backend(api_model, args.backend)
     for secs in (4, 40):
         separate_audio(api_model, str(inputs[secs]), "vocals", str(out))
         ts = []

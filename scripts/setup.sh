@@ -5,7 +5,7 @@
 #   scripts/setup.sh --with-ray  also the ray extra (what CI runs: tests/test_distributed.py needs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="test,freeze"
+extras="test,freeze,openvino"
 for arg in "$@"; do
   case "$arg" in
     --with-ray) extras="$extras,ray" ;;

@@ -5,8 +5,8 @@
 #   2. runs the quick pytest suite (everything not marked slow), with the frozen-binary tests
 #      required (DSU_REQUIRE_FROZEN=1: a missing build fails instead of skipping);
 #   3. runs the worker protocol, robustness and lifecycle suites (tests/test_worker.py,
-#      test_robustness.py, test_lifecycle.py) and the stems, batch and models-dir/cache suites
-#      (test_stems.py, test_batch.py, test_models_dir_cache.py) again, against the frozen binary over real pipes
+#      test_robustness.py, test_lifecycle.py), the audio-query, stems, batch, models-dir/cache and backend
+#      suites again, against the frozen binary over real pipes
 #      (DSU_WORKER_CMD);
 #   4. on x86-64 with AVX2, runs the numerics tests (marker "numerics": parity with the original,
 #      two code paths of one computation) again with AVX2-only kernels (scripts/avx2_only.env), so
@@ -73,7 +73,7 @@ run_pytest quick-suite ${extra[@]+"${extra[@]}"}
 if (( frozen )) && [[ -f tests/test_worker.py ]]; then
   echo "== test.sh: worker protocol suite against the frozen binary ($exe)"
   DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py tests/test_robustness.py tests/test_lifecycle.py \
-    tests/test_worker_audio_query.py tests/test_stems.py tests/test_batch.py tests/test_models_dir_cache.py
+    tests/test_worker_audio_query.py tests/test_stems.py tests/test_batch.py tests/test_models_dir_cache.py tests/test_worker_backend.py
 fi
 
 if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; then

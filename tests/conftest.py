@@ -45,13 +45,41 @@ def model_files(tmp_path_factory, fixtures_dir) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def model(model_files):
-    """The AudioSep model loaded through the public API (conv STFT, CPU, mmap)."""
+def _api_model(model_files, backend: str):
     from dsu_audiosep import build_audiosep
 
     return build_audiosep(str(model_files["config_path"]), str(model_files["checkpoint_path"]), "cpu", mmap=True,
-                          roberta_dir=str(model_files["roberta_dir"]))
+                          roberta_dir=str(model_files["roberta_dir"]), backend=backend)
+
+
+@pytest.fixture(scope="session")
+def model(model_files):
+    """The AudioSep model loaded through the public API (conv STFT, CPU, mmap), on torch: the reference."""
+    return _api_model(model_files, "torch")
+
+
+@pytest.fixture(scope="session")
+def backend_cache() -> Path:
+    """Where OpenVINO exports and compiled blobs of the test weights go (the workers' folder too;
+    entries are keyed by weights and versions, so sharing them between runs is safe)."""
+    from worker_client import TEST_BACKEND_CACHE
+
+    os.environ["AUDIOSEP_BACKEND_CACHE"] = str(TEST_BACKEND_CACHE)
+    return TEST_BACKEND_CACHE
+
+
+@pytest.fixture(scope="session")
+def openvino_model(model_files, backend_cache):
+    """The same model with its body on OpenVINO; fails (never falls back quietly) if it is not."""
+    m = _api_model(model_files, "openvino")
+    assert m.backend == "openvino", "the model fell back to torch: see the warning on stderr"
+    return m
+
+
+@pytest.fixture(params=["torch", "openvino"])
+def backend_model(request):
+    """Each backend's model in turn: for the numerics tests that every backend must pass."""
+    return request.getfixturevalue("model" if request.param == "torch" else "openvino_model")
 
 
 @pytest.fixture(scope="session")

@@ -69,3 +69,41 @@ def test_this_pass_runs_the_kernels_it_asks_for():
     import torch
 
     assert torch.backends.cpu.get_cpu_capability() == os.environ["ATEN_CPU_CAPABILITY"].upper()
+
+
+OPENVINO_PROBE = r"""
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+
+x = ops.parameter([1, 16, 64, 64], np.float32)
+w = ops.constant(np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32))
+conv = ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1])
+core = ov.Core()
+core.set_property("CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+compiled = core.compile_model(ov.Model([ops.relu(conv)], [x]), "CPU")
+for op in compiled.get_runtime_model().get_ordered_ops():
+    info = op.get_rt_info()
+    if "primitiveType" in info:
+        print("primitive", info["primitiveType"].astype(str))
+"""
+
+
+def openvino_primitives(extra_env: dict[str, str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in avx2_only_env()}
+    env.update(extra_env)
+    out = subprocess.run([sys.executable, "-c", OPENVINO_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has_avx2(),
+                    reason="the AVX2 emulation is for x86-64 CPUs that have AVX2")
+def test_openvino_obeys_onednn_max_cpu_isa():
+    """OpenVINO's CPU plugin is built on oneDNN and takes its limit from the same variable, so the
+    AVX2-only pass needs no line of its own for it (its executed graph names the kernels)."""
+    limited = openvino_primitives(avx2_only_env())
+    kernels = re.findall(r"^primitive (\S+)", limited, re.M)
+    assert any("avx2" in k for k in kernels) and not any("avx512" in k for k in kernels), limited
+    if " avx512f" in Path("/proc/cpuinfo").read_text():
+        assert "avx512" in openvino_primitives({}), "this CPU has AVX-512: the unlimited run should use it"

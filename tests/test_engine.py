@@ -49,11 +49,11 @@ def test_plan_windows_tile_the_signal_on_the_grid():
 
 # 2.56 s: several chunks with context on both sides; the numerics pass (AVX2) repeats only it
 @pytest.mark.parametrize("chunk_length", [1.0, pytest.param(2.56, marks=pytest.mark.numerics), 4.0])
-def test_chunked_equals_full_pass(model, tmp_path, chunk_length):
+def test_chunked_equals_full_pass(backend_model, tmp_path, chunk_length):
     x = _signal(13.3)
     src = _write(tmp_path / "in.wav", x)
-    _run(model, src, tmp_path / "full.wav", **EXACT)
-    r = _run(model, src, tmp_path / "chunk.wav", use_chunk=True, chunk_length=chunk_length, **EXACT)
+    _run(backend_model, src, tmp_path / "full.wav", **EXACT)
+    r = _run(backend_model, src, tmp_path / "chunk.wav", use_chunk=True, chunk_length=chunk_length, **EXACT)
     assert r.chunked and r.windows > 2
     full, _ = sf.read(tmp_path / "full.wav", dtype="float32")
     chunk, _ = sf.read(tmp_path / "chunk.wav", dtype="float32")
@@ -61,12 +61,12 @@ def test_chunked_equals_full_pass(model, tmp_path, chunk_length):
     assert snr_db(full, chunk) >= 60
 
 
-def test_exact_context_reproduces_the_full_pass(model, tmp_path):
+def test_exact_context_reproduces_the_full_pass(backend_model, tmp_path):
     from dsu_audiosep.engine.chunking import EXACT_CONTEXT_S
 
     src = _write(tmp_path / "in.wav", _signal(12.0))
-    _run(model, src, tmp_path / "full.wav", **EXACT)
-    _run(model, src, tmp_path / "exact.wav", use_chunk=True, chunk_length=2.0, context_seconds=EXACT_CONTEXT_S, **EXACT)
+    _run(backend_model, src, tmp_path / "full.wav", **EXACT)
+    _run(backend_model, src, tmp_path / "exact.wav", use_chunk=True, chunk_length=2.0, context_seconds=EXACT_CONTEXT_S, **EXACT)
     full, _ = sf.read(tmp_path / "full.wav", dtype="float32")
     exact, _ = sf.read(tmp_path / "exact.wav", dtype="float32")
     assert np.abs(full - exact).max() <= 1e-5 * np.abs(full).max()

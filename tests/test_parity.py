@@ -41,23 +41,23 @@ def _peak_err(y, ref):
     return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
-def test_full_pass_matches_original_for_both_stft_implementations(model, sep_fixture):
+def test_full_pass_matches_original_for_both_stft_implementations(backend_model, sep_fixture):
     x = torch.from_numpy(sep_fixture["mixture"])[None]
     c = torch.from_numpy(sep_fixture["condition"])
-    assert not model.use_torch_stft
-    y_conv = model.separate(x, c)[0].numpy()
+    assert not backend_model.use_torch_stft
+    y_conv = backend_model.separate(x, c)[0].numpy()
     # SPEC: <= 1e-4 of the peak. Observed 5e-6..1.2e-5: oneDNN picks channels-last kernels whose
     # summation order varies slightly from run to run.
     assert _peak_err(y_conv, sep_fixture["out_torchlibrosa"]) <= 5e-5
-    model.set_stft(True)
+    backend_model.set_stft(True)
     try:
-        y_torch = model.separate(x, c)[0].numpy()
+        y_torch = backend_model.separate(x, c)[0].numpy()
     finally:
-        model.set_stft(False)
+        backend_model.set_stft(False)
     assert _peak_err(y_torch, sep_fixture["out_torchstft"]) <= 5e-5
     assert np.abs(y_conv - y_torch).max() <= 5e-6
     # switching back restores the checkpoint's own conv kernels
-    assert np.array_equal(model.separate(x, c)[0].numpy(), y_conv)
+    assert np.array_equal(backend_model.separate(x, c)[0].numpy(), y_conv)
 
 
 def test_model_built_with_torch_stft_matches(model_files, sep_fixture):

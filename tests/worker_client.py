@@ -32,6 +32,9 @@ def worker_argv() -> list[str]:
     return client.default_argv()
 
 
+TEST_BACKEND_CACHE = Path(tempfile.gettempdir()) / "dsu-audiosep-tests-backend-cache"
+
+
 def clean_env(policy_path: str | os.PathLike | None = None, **extra: str) -> dict[str, str]:
     """The test process's environment without worker settings, with an isolated policy file.
 
@@ -42,6 +45,8 @@ def clean_env(policy_path: str | os.PathLike | None = None, **extra: str) -> dic
     # The worker suites expect the CPU's per-device defaults (conv STFT, one channel at a time)
     # whatever the machine has; the CUDA path has its own tests (test_cuda.py, explicit device).
     env["AUDIOSEP_DEVICE"] = "cpu"
+    # OpenVINO exports and compiled blobs of the test weights: shared by the test runs, never the user's.
+    env["AUDIOSEP_BACKEND_CACHE"] = str(TEST_BACKEND_CACHE)
     if policy_path is None:
         policy_path = Path(tempfile.gettempdir()) / "dsu-audiosep-tests-no-policy" / "none.json"
     env["DSU_RUNTIME_POLICY_PATH"] = str(policy_path)

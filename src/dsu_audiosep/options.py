@@ -306,6 +306,7 @@ class Setting:
 
 LOAD, SEPARATE, EMBED, BATCH, SET_CACHE_SIZE = "load_model", "separate", "embed", "batch", "set_cache_size"
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+BACKENDS = ("auto", "torch", "openvino")  # engine/backends.py
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24": "PCM_24", "24": "PCM_24",
                    "INT24": "PCM_24", "FLOAT32": "FLOAT", "F32": "FLOAT", "32F": "FLOAT"}
@@ -337,6 +338,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(engine/resolve.py; fp32 until its GPU run)"),
     Setting("load_audio_branch", BOOL, False, "load the CLAP audio branch now, not on the first audio query",
             (LOAD,), worker=True),
+    Setting("backend", choice(*BACKENDS), "auto", "runtime of the network on CPU in fp32: auto (measured table), torch or openvino",
+            (LOAD,), worker=True,
+            per_device="auto: openvino on x86-64 CPUs with AVX2 (when installed), torch elsewhere and on GPUs"),
     Setting("trust_checkpoint", BOOL, False, "unpickle without weights_only (runs code from the file)", (LOAD,),
             cli=""),
     # separate

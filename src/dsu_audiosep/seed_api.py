@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import options
+from .engine.backends import use_backend
 from .engine.query import Query
 from .engine.query import query_embedding as condition_of
 from .engine.separate import SeparateOptions, SeparationResult, separate_file
@@ -24,12 +26,15 @@ from .model.checkpoints import load_model
 
 def build_audiosep(config_yaml: str | None, checkpoint_path: str, device: str = "cpu", mmap: bool = False,
                    clap_checkpoint_path: str | None = None, roberta_dir: str | None = None,
-                   use_torch_stft: bool = False, precision: str = "fp32", load_audio_branch: bool = False) -> AudioSep:
+                   use_torch_stft: bool = False, precision: str = "fp32", load_audio_branch: bool = False,
+                   backend: str = "auto") -> AudioSep:
+    """``backend``: "auto" (the measured choice for this CPU), "torch" or "openvino" (see README)."""
     model = load_model(config_path=config_yaml, checkpoint_path=checkpoint_path, device=device, mmap=mmap,
                        clap_checkpoint_path=clap_checkpoint_path, roberta_dir=roberta_dir,
                        use_torch_stft=use_torch_stft, precision=precision)
     if load_audio_branch:
         model.load_audio_branch()
+    use_backend(model, options.BY_NAME["backend"].from_python(backend))
     return model
 
 

@@ -99,6 +99,7 @@ class WorkerDefaults(Protocol):
     device: str
     mmap: bool
     precision: str
+    backend: str
     use_torch_stft: bool | str
     auto_stft_seconds: float
     chunk_seconds: float
@@ -147,6 +148,7 @@ class LoadPlan:
     chunk_seconds: float
     chunk_length: float | None
     load_audio_branch: bool = False  # read the CLAP audio branch at load, not on the first audio query
+    backend: str = "auto"  # as asked; the backend in use is the model's (engine/backends.py)
 
     @property
     def stft_mode(self) -> str:
@@ -182,6 +184,7 @@ def plan_load(requested: Any, defaults: WorkerDefaults, resolve_device: Callable
         device=device,
         mmap=mmap,
         precision=precision,
+        backend=_given(requested.backend, defaults.backend),
         use_torch_stft=stft,
         auto_stft_seconds=float(_given(requested.auto_stft_seconds, defaults.auto_stft_seconds)),
         chunk_seconds=float(_given(requested.chunk_seconds, defaults.chunk_seconds)),

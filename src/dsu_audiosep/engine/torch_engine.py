@@ -71,6 +71,14 @@ class TorchEngine:
         return resolve.plan_load(requested, defaults, self.resolve_device)
 
     def load_model(self, paths: ModelPaths, plan: LoadPlan, trust_checkpoint: bool) -> Any:
+        """The model, its body on the backend the plan asks for (``model.backend`` says which ran)."""
+        model = self._load_torch_model(paths, plan, trust_checkpoint)
+        from .backends import use_backend
+
+        use_backend(model, plan.backend)
+        return model
+
+    def _load_torch_model(self, paths: ModelPaths, plan: LoadPlan, trust_checkpoint: bool) -> Any:
         from ..model.checkpoints import load_model, read_config
 
         if paths.model_dir is not None:

@@ -52,6 +52,7 @@ class AudioSep(nn.Module):
         # Kept so that switching to the conv STFT later uses the checkpoint's own kernels.
         self._conv_kernels = conv_kernels
         self.precision = "fp32"
+        self.backend = "torch"  # the runtime of the separator's body (engine/backends.py sets it)
         self.sources: dict[str, str | None] = {}  # the files it was loaded from, as resolved
         # Where the CLAP audio branch is read from on the first audio query (None: nowhere).
         self.audio_source = None

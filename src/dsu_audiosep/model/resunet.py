@@ -12,6 +12,7 @@ components of a phase rotation.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -184,12 +185,17 @@ class ResUNet30Base(nn.Module):
         mag = torch.clamp(real**2 + imag**2, min=1e-10) ** 0.5
         return mag, real / mag, imag / mag
 
-    def mask(self, mag: torch.Tensor, betas: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The network proper: magnitude [B, 1, T, 1025] -> three maps [B, 3, T, 1025]."""
+    def mask_input(self, mag: torch.Tensor) -> torch.Tensor:
+        """Magnitude [B, 1, T, 1025] -> the body's input [B, 1, T', 1024] (BatchNorm over bins,
+        time padded to the pooling grid, the last bin dropped so frequency halves evenly)."""
         frames = mag.shape[2]
         x = self.bn0(mag.transpose(1, 3)).transpose(1, 3)
         pad = math.ceil(frames / TIME_DOWNSAMPLE) * TIME_DOWNSAMPLE - frames
-        x = F.pad(x, (0, 0, 0, pad))[..., :-1]  # 1025 -> 1024 bins so frequency halves evenly
+        return F.pad(x, (0, 0, 0, pad))[..., :-1]
+
+    def body(self, x: torch.Tensor, betas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The U-Net proper: [B, 1, T', 1024] -> three maps [B, 3, T', 1024]. This is the part
+        an inference runtime may run instead of torch (engine/backends.py)."""
         # channels-last is what oneDNN's convolutions run fastest on (about 1.25x here). The 1-channel
         # input is made plainly contiguous first: the conv STFT leaves it time-major, and such
         # strides on a 1-channel tensor made oneDNN's result vary from run to run.
@@ -201,16 +207,25 @@ class ResUNet30Base(nn.Module):
         x, _ = self.conv_block7a(x, betas)
         for dec in self.decoders():
             x = dec(x, skips.pop(), betas)  # pop: each skip is freed once its decoder has used it
-        x = self.after_conv(x)
+        return self.after_conv(x)
+
+    def mask(self, mag: torch.Tensor, betas: dict[str, torch.Tensor] | None,
+             body: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The network: magnitude [B, 1, T, 1025] -> three maps [B, 3, T, 1025]. ``body``, when
+        given, replaces ``self.body(x, betas)`` (a compiled copy of it)."""
+        frames = mag.shape[2]
+        x = self.mask_input(mag)
+        x = body(x) if body is not None else self.body(x, betas)
         x = F.pad(x, (0, 1))  # the dropped bin comes back as zeros
         return x[:, :, :frames, :]
 
-    def forward(self, wav: torch.Tensor, betas: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, wav: torch.Tensor, betas: dict[str, torch.Tensor] | None,
+                body: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """[B, N] mono mixtures -> [B, N] separated waveforms."""
         length = wav.shape[-1]
         mag, cos_in, sin_in = self.spectrogram(wav)
         # In reduced precision only the U-Net runs in bf16/fp16; spectra and masks stay float32.
-        maps = self.mask(mag.to(self.pre_conv.weight.dtype), betas).float()
+        maps = self.mask(mag.to(self.pre_conv.weight.dtype), betas, body).float()
         return self.apply_maps(maps, mag, cos_in, sin_in, length)
 
     def apply_maps(self, maps: torch.Tensor, mag: torch.Tensor, cos_in: torch.Tensor, sin_in: torch.Tensor,
@@ -249,6 +264,9 @@ class ResUNet30(nn.Module):
         super().__init__()
         self.base = ResUNet30Base(input_channels, output_channels, use_torch_stft)
         self.film = FiLM(self.base.film_sites(), condition_size)
+        # Set by the engine to run the body on another runtime: (x, condition) -> maps, with the
+        # FiLM layers inside it. None: torch (the reference).
+        self.body_runner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def _apply(self, fn, recurse: bool = True):  # .to(device/dtype/memory format): re-derive constants
         clear_folded(self)
@@ -266,4 +284,11 @@ class ResUNet30(nn.Module):
 
     def forward(self, wav: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """wav [B, N] at 32 kHz, condition [B or 1, 512] -> [B, N]."""
-        return self.base(wav, self.film(condition))
+        runner = self.body_runner
+        if runner is None:
+            return self.base(wav, self.film(condition))
+        return self.base(wav, None, lambda x: runner(x, condition))
+
+    def body_with_film(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The body as one function of (input, condition): what a runtime compiles."""
+        return self.base.body(x, self.film(condition))

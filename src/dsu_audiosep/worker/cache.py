@@ -34,6 +34,7 @@ class ModelKey:
     device: str
     mmap: bool = field(compare=False)  # as asked; compared through _weights_mmap
     precision: str = "fp32"
+    backend: str = "auto"  # as asked; the reply reports the one in use
     fingerprint: tuple = ()
     _weights_mmap: bool | None = field(init=False, repr=False)
 
@@ -50,6 +51,7 @@ class ModelKey:
             "device": self.device,
             "mmap": self.mmap,
             "precision": self.precision,
+            "backend": self.backend,
         }
 
 

@@ -73,6 +73,7 @@ def get_status(w: "Worker", cmd: P.Command) -> dict:
         roberta_dir=key.roberta_dir if key else None,
         model_dir=key.model_dir if key else None,
         precision=key.precision if key else None,
+        backend=getattr(w.current.model, "backend", "torch") if w.current else None,
         use_torch_stft_mode=session.load.stft_mode if session else mode,
         use_torch_stft_value=session.stft_value if session else value,
         auto_stft_seconds=session.load.auto_stft_seconds if session else w.settings.auto_stft_seconds,
@@ -178,6 +179,7 @@ def _model_key(paths: ModelPaths, plan: LoadPlan) -> ModelKey:
         device=plan.device,
         mmap=plan.mmap,
         precision=plan.precision,
+        backend=plan.backend,
         fingerprint=file_fingerprint(dataclasses.asdict(paths).values()),
     )
 
@@ -230,6 +232,7 @@ def _model_loaded_reply(w: "Worker", cmd: P.Command, started: float, paths: Mode
         chunk_seconds=plan.chunk_seconds,
         mmap=plan.mmap,
         precision=plan.precision,
+        backend=getattr(entry.model, "backend", "torch"),
     )
     if paths.model_dir is not None:
         result["model_dir"] = paths.model_dir

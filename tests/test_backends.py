@@ -1,0 +1,158 @@
+"""The separator body's backends (engine/backends.py, engine/backend_openvino.py): which one a load
+picks, that OpenVINO computes the same function as torch in strict float32, that its export is
+cached, and that a backend which fails leaves the model on torch with a warning.
+
+The parity suite (test_parity.py) and the chunked = full pass tests (test_engine.py) run on every
+backend through the ``backend_model`` fixture; the worker's ``backend`` field is driven over real
+pipes in test_worker_backend.py.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_same_function
+from dsu_audiosep.engine import backends
+from dsu_audiosep.engine.backends import CpuInfo, attach, choose, use_backend
+
+XEON = CpuInfo("x86_64", "Intel(R) Xeon(R)", frozenset({"avx2", "avx512f", "amx_tile"}))
+ZEN3 = CpuInfo("x86_64", "AMD EPYC 7B13", frozenset({"avx2", "fma"}))
+OLD_X86 = CpuInfo("x86_64", "Intel(R) Core(TM)2", frozenset({"sse4_2"}))
+APPLE = CpuInfo("arm64", "Apple M2", frozenset())
+
+
+def everything(name: str) -> bool:
+    return True
+
+
+def nothing(name: str) -> bool:
+    return False
+
+
+@pytest.mark.parametrize("cpu, installed, expected", [
+    (XEON, everything, "openvino"),
+    (ZEN3, everything, "openvino"),
+    (OLD_X86, everything, "torch"),  # no AVX2: not measured, torch stays
+    (APPLE, everything, "torch"),  # arm64: not measured here (README)
+    (ZEN3, nothing, "torch"),  # not installed
+])
+def test_auto_follows_the_cpu_table(cpu, installed, expected):
+    assert choose("auto", "cpu", "fp32", cpu, installed) == (expected, None)
+
+
+@pytest.mark.parametrize("device, precision", [("cuda", "fp32"), ("cuda:1", "tf32"), ("mps", "fp32"), ("cpu", "bf16")])
+def test_gpus_and_reduced_precision_stay_on_torch(device, precision):
+    assert choose("auto", device, precision, XEON, everything) == ("torch", None)
+    name, note = choose("openvino", device, precision, XEON, everything)
+    assert name == "torch" and "CPU in fp32 only" in note
+
+
+def test_explicit_choices():
+    assert choose("torch", "cpu", "fp32", XEON, everything) == ("torch", None)
+    assert choose("openvino", "cpu", "fp32", OLD_X86, everything) == ("openvino", None)  # asked for: tried
+    name, note = choose("openvino", "cpu", "fp32", XEON, nothing)
+    assert name == "torch" and "not installed" in note
+
+
+def test_cpu_info_reads_this_machine():
+    info = backends.cpu_info()
+    assert info.arch
+    if os.path.exists("/proc/cpuinfo") and info.arch in backends.X86:
+        assert info.model and "sse2" in info.flags
+
+
+def _reference(model, sep_fixture):
+    x = torch.from_numpy(sep_fixture["mixture"])[None]
+    c = torch.from_numpy(sep_fixture["condition"])
+    return x, c
+
+
+def test_a_backend_that_fails_to_load_leaves_torch_with_a_warning(model, sep_fixture):
+    warnings: list[str] = []
+
+    def broken(name, ss_model):
+        raise RuntimeError("no such runtime here")
+
+    assert use_backend(model, "openvino", cpu=XEON, installed=everything, warn=warnings.append, build=broken) == "torch"
+    assert model.backend == "torch" and model.ss_model.body_runner is None
+    assert len(warnings) == 1 and "no such runtime here" in warnings[0] and "using torch" in warnings[0]
+    x, c = _reference(model, sep_fixture)
+    y = model.separate(x, c)[0].numpy()
+    assert np.abs(y - sep_fixture["out_torchlibrosa"]).max() <= 5e-5 * np.abs(sep_fixture["out_torchlibrosa"]).max()
+
+
+def test_a_backend_that_fails_in_a_job_falls_back_for_good(model, sep_fixture):
+    warnings: list[str] = []
+    calls = []
+
+    class FailsOnFirstShape:
+        name = "flaky"
+
+        def __call__(self, x, condition):
+            calls.append(tuple(x.shape))
+            raise RuntimeError("cannot compile this shape")
+
+    try:
+        assert attach(model, "flaky", warnings.append, build=lambda name, ss: FailsOnFirstShape()) == "flaky"
+        assert model.backend == "flaky"
+        x, c = _reference(model, sep_fixture)
+        y = model.separate(x, c)[0].numpy()
+        assert model.backend == "torch" and model.ss_model.body_runner is None
+        assert len(calls) == 1 and len(warnings) == 1 and "continuing on torch" in warnings[0]
+        ref = sep_fixture["out_torchlibrosa"]
+        assert np.abs(y - ref).max() <= 5e-5 * np.abs(ref).max()
+    finally:
+        attach(model, "torch", warnings.append)
+
+
+# ---- OpenVINO itself ---------------------------------------------------------------------------
+
+
+@pytest.mark.numerics
+def test_openvino_body_is_the_torch_body(model, openvino_model):
+    """The same function, input to maps, at two window lengths (two compiled shapes)."""
+    g = torch.Generator().manual_seed(3)
+    condition = torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=-1)
+    runner = openvino_model.ss_model.body_runner
+    for frames in (64, 320):
+        x = torch.rand(1, 1, frames, 1024, generator=g) * 3
+        with torch.inference_mode():
+            expected = model.ss_model.body_with_film(x, condition)
+        actual = runner(x, condition)
+        assert actual.dtype == torch.float32
+        assert_same_function(actual, expected)
+
+
+def test_openvino_compiles_in_strict_fp32_once_per_shape(openvino_model):
+    runner = openvino_model.ss_model.body_runner.runner
+    first = runner.compiled_for((1, 1, 32, 1024))
+    assert str(first.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+    assert runner.compiled_for((1, 1, 32, 1024)) is first
+
+
+def test_the_export_is_cached_by_weights_and_versions(model, tmp_path):
+    from dsu_audiosep.engine import backend_openvino as bo
+
+    runtime = bo.runtime_version()
+    key = bo.weights_key(model.ss_model, runtime)
+    assert bo.weights_key(model.ss_model, runtime) == key
+    assert bo.weights_key(model.ss_model, runtime + "-other") != key
+    changed = copy.deepcopy(model.ss_model)
+    with torch.no_grad():
+        changed.base.decoder_block3.conv_block2.conv2.weight[0, 0, 0, 0] += 1e-3
+    assert bo.weights_key(changed, runtime) != key
+
+    first = bo.OpenVinoBody(model.ss_model, tmp_path)
+    ir = tmp_path / f"{key}.xml"
+    assert ir.exists() and ir.with_suffix(".bin").exists()
+    written = ir.stat().st_mtime_ns
+    second = bo.OpenVinoBody(model.ss_model, tmp_path)  # reads the IR back: no second export
+    assert ir.stat().st_mtime_ns == written
+    x = torch.rand(1, 1, 32, 1024)
+    c = torch.nn.functional.normalize(torch.rand(1, 512), dim=-1)
+    assert_same_function(second(x, c), first(x, c))
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically, nothing left over
