@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from original_proxy import plain_body  # noqa: E402  (the stated proxy for the original network)
 
 GFLOP_PER_MONO_SECOND = 46.7
 FRAMES_PER_SECOND = 100  # hop 320 at 32 kHz
@@ -53,33 +54,6 @@ def gemm_gflops(repeat: int) -> float:
         a @ b
         times.append(time.perf_counter() - t)
     return 2 * 4096**3 / statistics.median(times) / 1e9
-
-
-def _conv(m, x):
-    return F.conv2d(x, m.weight.contiguous(), m.bias, m.stride, m.padding)
-
-
-def _plain_block(blk, x, betas):
-    h = _conv(blk.conv1, F.leaky_relu(blk.bn1(x) + betas[blk.film_name + "->beta1"], 0.01))
-    h = _conv(blk.conv2, F.leaky_relu(blk.bn2(h) + betas[blk.film_name + "->beta2"], 0.01))
-    return (_conv(blk.shortcut, x) if blk.shortcut is not None else x) + h
-
-
-def plain_body(ss_model, x, condition):
-    """The original's formulation of the body, on our weights (the stated proxy for the original)."""
-    base, betas = ss_model.base, ss_model.film(condition)
-    x = _conv(base.pre_conv, x.contiguous())
-    skips = []
-    for enc in base.encoders():
-        h = _plain_block(enc.conv_block1, x, betas)
-        skips.append(h)
-        x = F.avg_pool2d(h, enc.pool)
-    x = _plain_block(base.conv_block7a.conv_block1, x, betas)
-    for dec in base.decoders():
-        a = F.leaky_relu(dec.bn1(x) + betas[dec.name + "->beta1"], 0.01)
-        up = F.conv_transpose2d(a, dec.conv1.weight.contiguous(), None, dec.conv1.stride)
-        x = _plain_block(dec.conv_block2, torch.cat((up, skips.pop()), dim=1), betas)
-    return _conv(base.after_conv, x)
 
 
 def run(repeat: int) -> list[tuple[str, str]]:

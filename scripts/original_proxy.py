@@ -15,28 +15,28 @@ favours the original.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from dsu_audiosep.model.constants import TIME_DOWNSAMPLE
-from dsu_audiosep.model.resunet import LEAKY_SLOPE, ConvBlockRes, ResUNet30, ResUNet30Base
+from dsu_audiosep.model.resunet import LEAKY_SLOPE, ConvBlockRes, ResUNet30
+
+
+def _conv(m, x: torch.Tensor) -> torch.Tensor:
+    """A convolution on plainly contiguous weights (ours may be channels-last)."""
+    return F.conv2d(x, m.weight.contiguous(), m.bias, m.stride, m.padding)
 
 
 def _block(block: ConvBlockRes, x: torch.Tensor, betas: dict[str, torch.Tensor]) -> torch.Tensor:
-    b1, b2 = betas[block.film_name + "->beta1"], betas[block.film_name + "->beta2"]
-    h = block.conv1(F.leaky_relu(block.bn1(x) + b1, LEAKY_SLOPE))
-    h = block.conv2(F.leaky_relu(block.bn2(h) + b2, LEAKY_SLOPE))
-    return (block.shortcut(x) if block.shortcut is not None else x) + h
+    h = _conv(block.conv1, F.leaky_relu(block.bn1(x) + betas[block.film_name + "->beta1"], LEAKY_SLOPE))
+    h = _conv(block.conv2, F.leaky_relu(block.bn2(h) + betas[block.film_name + "->beta2"], LEAKY_SLOPE))
+    return (_conv(block.shortcut, x) if block.shortcut is not None else x) + h
 
 
-def plain_mask(base: ResUNet30Base, mag: torch.Tensor, betas: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``ResUNet30Base.mask`` in the original's formulation."""
-    frames = mag.shape[2]
-    x = base.bn0(mag.transpose(1, 3)).transpose(1, 3)
-    pad = math.ceil(frames / TIME_DOWNSAMPLE) * TIME_DOWNSAMPLE - frames
-    x = base.pre_conv(F.pad(x, (0, 0, 0, pad))[..., :-1])
+def plain_body(ss_model: ResUNet30, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """``ResUNet30Base.body`` (input [B, 1, T', 1024] -> maps [B, 3, T', 1024]) in the original's
+    formulation, conditioned by ``condition`` [1, 512]."""
+    base, betas = ss_model.base, ss_model.film(condition)
+    x = _conv(base.pre_conv, x.contiguous())
     skips = []
     for enc in base.encoders():
         h = _block(enc.conv_block1, x, betas)
@@ -45,16 +45,16 @@ def plain_mask(base: ResUNet30Base, mag: torch.Tensor, betas: dict[str, torch.Te
     x = _block(base.conv_block7a.conv_block1, x, betas)
     for dec in base.decoders():
         a = F.leaky_relu(dec.bn1(x) + betas[dec.name + "->beta1"], LEAKY_SLOPE)
-        x = _block(dec.conv_block2, torch.cat((dec.conv1(a), skips.pop()), dim=1), betas)
-    x = F.pad(base.after_conv(x), (0, 1))
-    return x[:, :, :frames, :]
+        up = F.conv_transpose2d(a, dec.conv1.weight.contiguous(), None, dec.conv1.stride)
+        x = _block(dec.conv_block2, torch.cat((up, skips.pop()), dim=1), betas)
+    return _conv(base.after_conv, x)
 
 
 @torch.inference_mode()
 def original_separate(ss_model: ResUNet30, wav: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
     """wav [B, N] at 32 kHz, condition [512] -> [B, N], as the original network computes it."""
     base = ss_model.base
-    betas = ss_model.film(condition.reshape(1, -1).to(wav.device))
+    cond = condition.reshape(1, -1).to(wav.device)
     mag, cos_in, sin_in = base.spectrogram(wav)
-    maps = plain_mask(base, mag.to(base.pre_conv.weight.dtype), betas).float()
+    maps = base.mask(mag.to(base.pre_conv.weight.dtype), None, body=lambda x: plain_body(ss_model, x, cond)).float()
     return base.apply_maps(maps, mag, cos_in, sin_in, wav.shape[-1])
