@@ -7,21 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from test_worker import assert_alive, demo_model, load, write_wav  # noqa: F401  (fixture)
+from test_worker import assert_alive, demo_model, load, loaded_worker, write_wav  # noqa: F401  (fixtures)
 from worker_client import WorkerClient, clean_env, worker_argv
 
 POSIX = os.name == "posix"
 LONG = {"use_chunk": True, "chunk_length": 0.32}  # many windows: time to cancel in the middle
-
-
-@pytest.fixture(scope="module")
-def worker(demo_model):  # noqa: F811
-    client = WorkerClient(worker_argv())
-    client.wait_ready()
-    load(client, demo_model)
-    yield client
-    client.assert_all_json()
-    client.kill()
 
 
 def files_in(folder: Path) -> list[str]:

@@ -12,20 +12,10 @@ import pytest
 import soundfile as sf
 
 from conftest import assert_same_function
-from test_worker import assert_alive, demo_model, load, write_wav  # noqa: F401  (fixture)
+from test_worker import assert_alive, demo_model, loaded_worker, write_wav  # noqa: F401  (fixtures)
 from worker_client import WorkerClient, worker_argv
 
 COMMON = {"output_subtype": "FLOAT", "use_chunk": True, "chunk_length": 1.0}
-
-
-@pytest.fixture(scope="module")
-def worker(demo_model):  # noqa: F811
-    client = WorkerClient(worker_argv())
-    client.wait_ready()
-    load(client, demo_model)
-    yield client
-    client.assert_all_json()
-    client.kill()
 
 
 def read(path) -> np.ndarray:

@@ -450,6 +450,18 @@ def load_cmd(model: dict, **extra) -> dict:
     return cmd
 
 
+@pytest.fixture(scope="module", name="worker")
+def loaded_worker(demo_model):
+    """A worker with the demo model loaded, shared by one module's tests (tests/test_stems.py and
+    tests/test_batch.py import it)."""
+    client = WorkerClient(worker_argv())
+    client.wait_ready()
+    load(client, demo_model)
+    yield client
+    client.assert_all_json()
+    client.kill()
+
+
 @pytest.fixture(scope="module")
 def model_worker(worker_cmd, demo_model):
     client = WorkerClient(worker_cmd)
