@@ -129,9 +129,18 @@ def test_openvino_body_is_the_torch_body(model, openvino_model):
 
 def test_openvino_compiles_in_strict_fp32_once_per_shape(openvino_model):
     runner = openvino_model.ss_model.body_runner.runner
-    first = runner.compiled_for((1, 1, 32, 1024))
+    first, _ = runner.compiled_for((1, 1, 32, 1024))
     assert str(first.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
-    assert runner.compiled_for((1, 1, 32, 1024)) is first
+    assert runner.compiled_for((1, 1, 32, 1024))[0] is first
+
+
+def test_openvino_keeps_one_compiled_shape_at_a_time(openvino_model):
+    """Each compiled shape holds its whole activation plan: a new shape frees the old one first,
+    so a file's two window shapes never sit in memory together (the CPU memory target)."""
+    runner = openvino_model.ss_model.body_runner.runner
+    runner.compiled_for((1, 1, 32, 1024))
+    runner.compiled_for((1, 1, 64, 1024))
+    assert list(runner.compiled) == [(1, 1, 64, 1024)]
 
 
 def test_the_export_is_cached_by_weights_and_versions(model, tmp_path):

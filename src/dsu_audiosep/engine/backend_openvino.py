@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "body-ir-v1"  # change when the export recipe changes
 BODY_BINS = 1024  # the body sees 1025 bins less the last one
-MAX_COMPILED_SHAPES = 2  # the chunked windows' shape and the last window's; each holds its own buffers
+MAX_COMPILED_SHAPES = 1  # each compiled shape holds its own activation plan (see OpenVinoBody)
 
 
 def runtime_version() -> str:
@@ -114,7 +114,16 @@ def export_body(ss_model: torch.nn.Module, path: Path) -> None:
 
 
 class OpenVinoBody:
-    """A ``ResUNet30.body_runner``: the body compiled by OpenVINO for each window shape it meets."""
+    """A ``ResUNet30.body_runner``: the body compiled by OpenVINO for the window shape it meets.
+
+    Memory (the CPU target: peak RSS under 1.5 GiB). A compiled shape holds its whole activation
+    plan (about 0.45 MB per frame of a mono window, ~510 MB for the default 10.88 s window) for as
+    long as it lives, so one shape is kept at a time: a chunked file compiles its windows' shape
+    and, when the last window is shorter, that one (0.3-0.5 s each once OpenVINO's compile cache
+    has them). The IR read for a compile is dropped after it (the compiled model has its own
+    weights), and the torch body's weights are handed back to the kernel when they are a file
+    mapping (process_memory.page_out); they only come back if the model falls back to torch.
+    """
 
     name = "openvino"
 
@@ -123,9 +132,9 @@ class OpenVinoBody:
 
         self.runtime = runtime_version()
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        ir_path = cache_dir / f"{weights_key(ss_model, self.runtime)}.xml"
-        if not (ir_path.exists() and ir_path.with_suffix(".bin").exists()):
-            export_body(ss_model, ir_path)
+        self.ir_path = cache_dir / f"{weights_key(ss_model, self.runtime)}.xml"
+        if not (self.ir_path.exists() and self.ir_path.with_suffix(".bin").exists()):
+            export_body(ss_model, self.ir_path)
         self.core = openvino.Core()
         config: dict[str, Any] = {
             # Strict float32: on CPUs with AMX (or AVX512-BF16) OpenVINO would compute in bf16.
@@ -138,27 +147,32 @@ class OpenVinoBody:
             self.core.set_property({"CACHE_DIR": str(compiled_cache_dir(cache_dir))})
         except Exception as exc:  # a read-only cache folder costs a compile per load, nothing else
             log.warning("OpenVINO compile cache unavailable (%s)", exc)
-        self.model = self.core.read_model(str(ir_path))
-        self.compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self.core.read_model(str(self.ir_path))  # fail here, at load, on an unreadable IR
+        self.compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # shape -> (compiled, request)
         self._lock = threading.Lock()
+        from ..process_memory import page_out
 
-    def compiled_for(self, shape: tuple[int, ...]) -> Any:
-        """The model compiled for one input shape (compiled once, the last few kept)."""
+        page_out(ss_model.state_dict().values())  # hashed and exported: not needed again unless torch runs
+
+    def compiled_for(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        """The model compiled for one input shape and its inference request (whose buffers are
+        reused from window to window); compiled once and kept until another shape comes."""
         with self._lock:
-            compiled = self.compiled.get(shape)
-            if compiled is None:
-                model = self.model.clone()
+            entry = self.compiled.get(shape)
+            if entry is None:
+                while len(self.compiled) >= MAX_COMPILED_SHAPES:
+                    self.compiled.popitem(last=False)  # free its plan before the next one is made
+                model = self.core.read_model(str(self.ir_path))
                 model.reshape({"x": list(shape), "condition": [1, CONDITION_SIZE]})
-                compiled = self.compiled[shape] = self.core.compile_model(model, "CPU")
-                while len(self.compiled) > MAX_COMPILED_SHAPES:
-                    self.compiled.popitem(last=False)
+                compiled = self.core.compile_model(model, "CPU")
+                entry = self.compiled[shape] = (compiled, compiled.create_infer_request())
             self.compiled.move_to_end(shape)
-            return compiled
+            return entry
 
     def __call__(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        compiled = self.compiled_for(tuple(x.shape))
-        request = compiled.create_infer_request()
+        compiled, request = self.compiled_for(tuple(x.shape))
         feed = {"x": x.detach().float().contiguous().cpu().numpy(),
                 "condition": condition.detach().float().reshape(1, -1).contiguous().cpu().numpy()}
-        result = request.infer(feed)
-        return torch.from_numpy(result[compiled.output(0)].copy())
+        with self._lock:  # one request per shape: calls from two threads take turns
+            result = request.infer(feed)
+            return torch.from_numpy(result[compiled.output(0)].copy())
