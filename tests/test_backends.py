@@ -158,10 +158,34 @@ def test_the_export_is_cached_by_weights_and_versions(model, tmp_path):
     first = bo.OpenVinoBody(model.ss_model, tmp_path)
     ir = tmp_path / f"{key}.xml"
     assert ir.exists() and ir.with_suffix(".bin").exists()
-    written = ir.stat().st_mtime_ns
+    weights = ir.with_suffix(".bin")
+    written = (weights.stat().st_ino, weights.stat().st_mtime_ns)
     second = bo.OpenVinoBody(model.ss_model, tmp_path)  # reads the IR back: no second export
-    assert ir.stat().st_mtime_ns == written
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == written
     x = torch.rand(1, 1, 32, 1024)
     c = torch.nn.functional.normalize(torch.rand(1, 512), dim=-1)
     assert_same_function(second(x, c), first(x, c))
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, nothing left over
+
+
+def test_the_export_cache_keeps_the_most_recently_used(model, tmp_path):
+    """About 100 MB per export: the cache keeps the last few models, not every one ever loaded,
+    and no compiled blobs at all (a 100 MB blob per window shape is what CACHE_DIR would write)."""
+    import os
+
+    from dsu_audiosep.engine import backend_openvino as bo
+
+    for i in range(bo.KEPT_EXPORTS + 2):
+        for suffix in (".xml", ".bin"):
+            old = tmp_path / f"old{i}{suffix}"
+            old.write_text("an export of another model")
+            os.utime(old, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "compiled" / "native").mkdir(parents=True)
+    runner = bo.OpenVinoBody(model.ss_model, tmp_path)
+    runner(torch.rand(1, 1, 32, 1024), torch.nn.functional.normalize(torch.rand(1, 512), dim=-1))
+    kept = sorted(p.name for p in tmp_path.glob("*.xml"))
+    newest_old = [f"old{i}.xml" for i in range(bo.KEPT_EXPORTS + 1, 2, -1)]
+    assert kept == sorted([runner.ir_path.name] + newest_old)
+    assert sorted(p.name for p in tmp_path.glob("*.bin")) == sorted(k[:-4] + ".bin" for k in kept)
+    assert not (tmp_path / "compiled").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.suffix not in (".xml", ".bin")] == []

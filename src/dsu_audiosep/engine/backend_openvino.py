@@ -5,9 +5,12 @@ What runs here is ``ResUNet30.body_with_film`` (the U-Net and its FiLM layers, i
 and the 512-d condition, output the three maps [B, 3, T', 1024]); the STFT, the masks and the ISTFT
 stay in torch (the ISTFT's ``F.fold`` does not export). The export is an OpenVINO IR file written once
 into a cache folder, named by a hash of the weights, the torch and OpenVINO versions and this
-module's format, so a new model, runtime or export recipe never reads a stale file. OpenVINO's own
-``CACHE_DIR`` keeps the compiled blobs beside it, so a second load of the same model and window
-shape does not compile again.
+module's format, so a new model, runtime or export recipe never reads a stale file; the
+``KEPT_EXPORTS`` most recently used are kept (about 100 MB each), older ones deleted.
+
+Compiled shapes are not cached on disk: OpenVINO's ``CACHE_DIR`` writes a 100 MB blob per window
+shape (a folder of files of many lengths makes dozens) and saved nothing measurable here: a
+compile from the IR takes 0.3-0.5 s, from the blob 0.3-0.5 s (BENCHMARKS.md).
 
 OpenVINO is imported here only, when a model is first put on this backend: the worker's first line
 and ``ready`` never wait for it.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import warnings
 from collections import OrderedDict
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "body-ir-v1"  # change when the export recipe changes
 BODY_BINS = 1024  # the body sees 1025 bins less the last one
+KEPT_EXPORTS = 4  # exported models kept in the cache folder (one per model and runtime version)
 MAX_COMPILED_SHAPES = 1  # each compiled shape holds its own activation plan (see OpenVinoBody)
 
 
@@ -51,11 +56,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "dsu-audiosep" / "backends"
 
 
-def compiled_cache_dir(cache_dir: Path) -> Path:
-    """Compiled blobs, kept apart per instruction-set limit: OpenVINO's CPU plugin obeys oneDNN's
-    ``ONEDNN_MAX_CPU_ISA`` (scripts/avx2_only.env), and an AVX-512 blob must not be reused under it."""
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower() or "native"
-    return cache_dir / "compiled" / "".join(ch for ch in isa if ch.isalnum() or ch == "_")
+def prune_exports(cache_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used exports (and the compiled-blob folder that
+    earlier versions wrote); a file another process holds open or just removed is skipped."""
+    shutil.rmtree(cache_dir / "compiled", ignore_errors=True)
+    exports = sorted(cache_dir.glob("*.xml"), key=lambda p: p.stat().st_mtime if p.exists() else 0.0, reverse=True)
+    for old in exports[keep:]:
+        for path in (old, old.with_suffix(".bin")):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 def weights_key(ss_model: torch.nn.Module, runtime: str) -> str:
@@ -131,10 +142,16 @@ class OpenVinoBody:
         import openvino
 
         self.runtime = runtime_version()
+        self.ss_model = ss_model  # to export again should the IR be pruned while this model lives
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.ir_path = cache_dir / f"{weights_key(ss_model, self.runtime)}.xml"
         if not (self.ir_path.exists() and self.ir_path.with_suffix(".bin").exists()):
             export_body(ss_model, self.ir_path)
+        try:
+            os.utime(self.ir_path)  # most recently used: the last to be pruned
+            prune_exports(cache_dir, KEPT_EXPORTS)
+        except OSError as exc:  # a read-only cache folder still serves its exports
+            log.warning("OpenVINO export cache not pruned (%s)", exc)
         self.core = openvino.Core()
         config: dict[str, Any] = {
             # Strict float32: on CPUs with AMX (or AVX512-BF16) OpenVINO would compute in bf16.
@@ -143,10 +160,6 @@ class OpenVinoBody:
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
         }
         self.core.set_property("CPU", config)
-        try:
-            self.core.set_property({"CACHE_DIR": str(compiled_cache_dir(cache_dir))})
-        except Exception as exc:  # a read-only cache folder costs a compile per load, nothing else
-            log.warning("OpenVINO compile cache unavailable (%s)", exc)
         self.core.read_model(str(self.ir_path))  # fail here, at load, on an unreadable IR
         self.compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # shape -> (compiled, request)
         self._lock = threading.Lock()
@@ -162,6 +175,8 @@ class OpenVinoBody:
             if entry is None:
                 while len(self.compiled) >= MAX_COMPILED_SHAPES:
                     self.compiled.popitem(last=False)  # free its plan before the next one is made
+                if not self.ir_path.exists():  # pruned by another process since this load
+                    export_body(self.ss_model, self.ir_path)
                 model = self.core.read_model(str(self.ir_path))
                 model.reshape({"x": list(shape), "condition": [1, CONDITION_SIZE]})
                 compiled = self.core.compile_model(model, "CPU")
