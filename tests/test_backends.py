@@ -65,6 +65,18 @@ def test_cpu_info_reads_this_machine():
         assert info.model and "sse2" in info.flags
 
 
+def test_cpu_info_without_proc_cpuinfo_asks_torch(tmp_path):
+    """Windows and macOS have no /proc/cpuinfo: the flags come from torch's dispatcher, so an AVX2
+    laptop there gets OpenVINO from auto as on Linux, and an ARM Mac stays on torch."""
+    missing = str(tmp_path / "no-cpuinfo")
+    info = backends.cpu_info(missing, capability=lambda: "AVX2")
+    assert "avx2" in info.flags
+    assert "avx512f" in backends.cpu_info(missing, capability=lambda: "AVX512").flags
+    assert backends.cpu_info(missing, capability=lambda: "DEFAULT").flags == frozenset()
+    x86 = backends.CpuInfo("amd64", "Intel64 Family 6", info.flags)  # what platform.machine() says on Windows
+    assert choose("auto", "cpu", "fp32", x86, lambda name: True) == ("openvino", None)
+
+
 def _reference(model, sep_fixture):
     x = torch.from_numpy(sep_fixture["mixture"])[None]
     c = torch.from_numpy(sep_fixture["condition"])

@@ -32,12 +32,23 @@ class CpuInfo:
     flags: frozenset[str]
 
 
-def cpu_info() -> CpuInfo:
-    """This machine's CPU: architecture, model name and instruction-set flags (Linux: /proc/cpuinfo;
-    elsewhere the flags are unknown and empty)."""
+# What torch's own dispatcher found (torch.backends.cpu.get_cpu_capability), as instruction-set flags:
+# the source where /proc/cpuinfo does not exist (Windows, macOS). It obeys ATEN_CPU_CAPABILITY.
+CAPABILITY_FLAGS = {"AVX2": frozenset({"avx2"}), "AVX512": frozenset({"avx2", "avx512f"})}
+
+
+def _torch_capability() -> str:
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo", capability: Callable[[], str] = _torch_capability) -> CpuInfo:
+    """This machine's CPU: architecture, model name and instruction-set flags (Linux: ``cpuinfo``;
+    elsewhere the flags torch's dispatcher found, so Windows and Intel Macs get AVX2 too)."""
     model, flags = platform.processor() or "", frozenset()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
@@ -51,6 +62,11 @@ def cpu_info() -> CpuInfo:
                     break
     except OSError:
         pass
+    if not flags:
+        try:
+            flags = CAPABILITY_FLAGS.get(capability().upper(), frozenset())
+        except Exception:  # an older torch without the query: no flags, so auto stays on torch
+            flags = frozenset()
     return CpuInfo(platform.machine().lower(), model, flags)
 
 
