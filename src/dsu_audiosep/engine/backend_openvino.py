@@ -130,8 +130,7 @@ class OpenVinoBody:
     Memory (the CPU target: peak RSS under 1.5 GiB). A compiled shape holds its whole activation
     plan (about 0.45 MB per frame of a mono window, ~510 MB for the default 10.88 s window) for as
     long as it lives, so one shape is kept at a time: a chunked file compiles its windows' shape
-    and, when the last window is shorter, that one (0.3-0.5 s each once OpenVINO's compile cache
-    has them). The IR read for a compile is dropped after it (the compiled model has its own
+    and, when the last window is shorter, that one (0.3-0.5 s each). The IR read for a compile is dropped after it (the compiled model has its own
     weights), and the torch body's weights are handed back to the kernel when they are a file
     mapping (process_memory.page_out); they only come back if the model falls back to torch.
     """
