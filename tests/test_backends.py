@@ -183,8 +183,6 @@ def test_the_export_is_cached_by_weights_and_versions(model, tmp_path):
 def test_the_export_cache_keeps_the_most_recently_used(model, tmp_path):
     """About 100 MB per export: the cache keeps the last few models, not every one ever loaded,
     and no compiled blobs at all (a 100 MB blob per window shape is what CACHE_DIR would write)."""
-    import os
-
     from dsu_audiosep.engine import backend_openvino as bo
 
     for i in range(bo.KEPT_EXPORTS + 2):
