@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +200,19 @@ def test_the_export_cache_keeps_the_most_recently_used(model, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.bin")) == sorted(k[:-4] + ".bin" for k in kept)
     assert not (tmp_path / "compiled").exists()
     assert [p.name for p in tmp_path.iterdir() if p.suffix not in (".xml", ".bin")] == []
+
+
+def test_plain_install_brings_the_cpu_backend_on_x86_64_only():
+    """`pip install dsu-audiosep` runs what the frozen bundle runs on x86-64 Linux and Windows;
+    arm64 and macOS never download OpenVINO (the torch body runs there)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    openvino = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "openvino"]
+    assert len(openvino) == 1 and openvino[0].marker is not None
+    where = {("x86_64", "linux"): True, ("AMD64", "win32"): True, ("aarch64", "linux"): False,
+             ("arm64", "darwin"): False, ("x86_64", "darwin"): False}
+    for (machine, system), expected in where.items():
+        assert openvino[0].marker.evaluate({"platform_machine": machine, "sys_platform": system}) is expected, (machine, system)

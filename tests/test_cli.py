@@ -45,3 +45,41 @@ def test_bad_flag_value_is_a_clear_error(demo, tmp_path, flag, value):
     assert proc.returncode == 1 and proc.stdout == ""
     assert "invalid_field" in proc.stderr and flag in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _setting_actions(parser):
+    from dsu_audiosep.options import BY_NAME
+
+    for action in parser._actions:
+        setting = BY_NAME.get(action.dest)
+        # the setting's own flag (not --no-FLAG, whose help says it is the opposite)
+        if setting is not None and action.option_strings and action.option_strings[0] in (setting.flag, setting.cli_flag):
+            yield setting, action
+
+
+def test_every_flags_help_is_its_row_of_the_options_table():
+    """One source for --help: each setting's flag says what the table says, default included."""
+    from dsu_audiosep import cli
+    from dsu_audiosep.folder.local import REPEATED
+
+    checked = 0
+    for parser in (cli._worker_parser(), cli._separate_parser(), cli._separate_parser(folder=True)):
+        for setting, action in _setting_actions(parser):
+            if setting.name in REPEATED and "--out-dir" in parser._option_string_actions:
+                continue  # the folder run's repeated query flags: one output per value
+            assert action.help == setting.flag_help, (setting.name, action.help)
+            checked += 1
+    assert checked > 30
+
+
+def test_separate_help_tells_the_truth():
+    """As a new user reads it: both forms in the usage, per-device defaults as such, one default per flag."""
+    proc = run_cli("separate", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "separate [options] INPUT OUTPUT" in text and "INPUT... --out-dir DIR" in text
+    mmap = text.split("--mmap ", 1)[1].split(" --", 1)[0]
+    assert "on, except on Windows" in mmap and "False" not in mmap, mmap
+    text_flag = text.split("--text TEXT ", 1)[1].split(" --", 1)[0]
+    assert text_flag.count("default") == 1, text_flag
+    assert "(default False)" not in text and "(default None)" not in text

@@ -2,6 +2,7 @@
 value, and the tuned allocator returns freed tensors to the OS. Linux only (madvise, glibc)."""
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import textwrap
@@ -45,6 +46,7 @@ def test_text_pages_go_back_and_come_back_unchanged(converted):
     assert torch.equal(first, again)
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tune_allocator tunes glibc's malloc (mallopt); other C libraries are left alone")
 def test_tuned_allocator_lowers_the_peak_of_a_separation(converted):
     """The same forward passes in two fresh processes, glibc's default allocator vs tune_allocator:
     the tuned one must peak lower (freed activations go back instead of fragmenting the heap)."""

@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "dsu_audiosep"
 
 
-def test_readme_table_is_the_generated_one():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    found = re.search(r"<!-- settings table: begin -->\n(.*?)<!-- settings table: end -->", readme, re.S)
-    assert found, "README.md lost its settings table markers"
-    assert found.group(1) == options.markdown_table(), "README's settings table is stale: python -m dsu_audiosep.options"
+def test_docs_table_is_the_generated_one():
+    doc = (REPO / "docs" / "settings.md").read_text(encoding="utf-8")
+    found = re.search(r"<!-- settings table: begin -->\n(.*?)<!-- settings table: end -->", doc, re.S)
+    assert found, "docs/settings.md lost its settings table markers"
+    assert found.group(1) == options.markdown_table(), \
+        "docs/settings.md's table is stale: python -m dsu_audiosep.options docs/settings.md"
 
 
 @pytest.mark.parametrize("setting", options.SETTINGS, ids=lambda s: s.name)

@@ -488,7 +488,8 @@ def test_load_model_then_cache_hit(model_worker, demo_model):
     assert first["use_torch_stft_mode"] == "force" and first["use_torch_stft_value"] is False
     assert first["auto_stft_seconds"] == 60
     second = client.request(load_cmd(demo_model, use_torch_stft=True), timeout=300)
-    assert second["cached"] is True and second["elapsed"] <= first["elapsed"]
+    # a cache hit: the same model object answers (no timing asserted: machines and loads differ)
+    assert second["cached"] is True and second["cache_size"] == 1
     assert second["use_torch_stft_value"] is True
     status = client.request({"cmd": "get_status"})
     assert status["model_loaded"] is True and status["checkpoint_path"] == demo_model["checkpoint_path"]

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 PROG = "dsu-audiosep"
 SUBCOMMANDS = ("separate", "convert", "demo", "worker")
+SEPARATE_USAGE = (f"{PROG} separate [options] INPUT OUTPUT\n"
+                  f"       {PROG} separate [options] INPUT... --out-dir DIR")
 
 
 def _worker_parser():
@@ -36,13 +38,13 @@ def _worker_parser():
     from .options import BOOL, WORKER_SETTINGS
 
     for setting in WORKER_SETTINGS:
-        help_text = f"{setting.help} (default {setting.default})"
         if setting.kind is BOOL:
             parser.add_argument(setting.flag, dest=setting.name, action="store_const", const=True, default=None,
-                                help=help_text)
-            parser.add_argument("--no-" + setting.flag[2:], dest=setting.name, action="store_const", const=False)
+                                help=setting.flag_help)
+            parser.add_argument("--no-" + setting.flag[2:], dest=setting.name, action="store_const", const=False,
+                                help=f"the opposite of {setting.flag}")
         else:
-            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.kind.metavar, help=help_text)
+            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.kind.metavar, help=setting.flag_help)
     return parser
 
 
@@ -79,8 +81,10 @@ def _separate_parser(folder: bool = False):
 
         add_ray_arguments(parser)
     else:
-        parser = argparse.ArgumentParser(prog=f"{PROG} separate", description="Separate one file (one-shot); "
-                                         "INPUT... --out-dir DIR for many files.")
+        parser = argparse.ArgumentParser(
+            prog=f"{PROG} separate", usage=SEPARATE_USAGE,
+            description="Separate one file into OUTPUT, or many files, folders and globs into --out-dir "
+            f"(their own flags: {PROG} separate --out-dir DIR --help).")
         for setting in SETTINGS:
             if setting.required and SEPARATE in setting.commands:
                 parser.add_argument(setting.name, metavar=setting.name.upper(), help=setting.help)
@@ -89,16 +93,15 @@ def _separate_parser(folder: bool = False):
             continue
         if folder and (setting.name in REPEATED or setting.name in NOT_IN_FOLDER_RUNS):
             continue  # repeated: one output per query per file (add_folder_arguments); or one query's only
-        default = "" if setting.default is None else f" (default {setting.default})"
         if setting.kind is BOOL:
             parser.add_argument(setting.cli_flag, dest=setting.name, action="store_const", const=True,
-                                default=None, help=setting.help + default)
+                                default=None, help=setting.flag_help)
         elif setting.kind is PATHS:  # repeat the flag for several files
             parser.add_argument(setting.cli_flag, dest=setting.name, metavar=setting.kind.metavar, action="append",
-                                help=setting.help + " (repeatable)")
+                                help=setting.flag_help)
         else:
             parser.add_argument(setting.cli_flag, dest=setting.name, metavar=setting.kind.metavar,
-                                help=setting.help + default)
+                                help=setting.flag_help)
     return parser
 
 

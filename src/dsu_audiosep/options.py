@@ -5,8 +5,8 @@ A setting can be a field of a command (``load_model``, ``separate``), a worker-l
 command-line flag ``--name``, an environment variable ``AUDIOSEP_NAME`` and a key of the runtime
 policy file), or both. Everything that reads settings is derived from ``SETTINGS``: the protocol's
 argument records and their validation, the policy file and environment, the worker's flags, the
-``ready`` capabilities, the CLI's ``separate`` flags and the README's settings table
-(``python -m dsu_audiosep.options`` prints it; a test keeps the README equal to it).
+``ready`` capabilities, the CLI's ``separate`` flags and the settings table of docs/settings.md
+(``python -m dsu_audiosep.options docs/settings.md`` rewrites it; a test keeps them equal).
 
 Two ways in, one meaning:
 - ``from_json``: a JSON value from a command (strict types: ``true``, not ``"yes"``); a bad value
@@ -266,6 +266,7 @@ class Setting:
     required: bool = False
     cli: str | None = None
     seed: bool = False  # a field of the seed worker's contract (SPEC 5); the others are extensions
+    default_when: str = ""  # when the default applies, if not always (shown after it in --help)
 
     @property
     def env(self) -> str | None:
@@ -278,6 +279,23 @@ class Setting:
     @property
     def cli_flag(self) -> str:
         return self.flag if self.cli is None else self.cli
+
+    @property
+    def default_note(self) -> str:
+        """The "(default ...)" of this setting's --help: the per-device rule where there is one
+        (the plain value would be wrong on some machine), else the value in the flags' spelling."""
+        if self.per_device:
+            return f" (default: {self.per_device})"
+        if self.default is None:
+            return ""
+        value = str(self.default).lower() if isinstance(self.default, bool) else self.default
+        return f" (default {value}{self.default_when})"
+
+    @property
+    def flag_help(self) -> str:
+        """This setting's --help line, the same for every parser that has the flag."""
+        repeat = " (repeatable)" if self.kind is PATHS else ""
+        return self.help + repeat + self.default_note
 
     def from_json(self, value: Any) -> Any:
         """A command's field -> canonical value; None when not given."""
@@ -314,7 +332,7 @@ SUBTYPE_ALIASES = {"PCM16": "PCM_16", "16": "PCM_16", "INT16": "PCM_16", "PCM24"
 SETTINGS: tuple[Setting, ...] = (
     # worker-level only
     Setting("max_cached_models", COUNT, 1, "models kept in memory (least recently used goes first)", worker=True),
-    Setting("models_dir", PATH, None, "where load_model without paths looks first (seed file names, a converted folder)",
+    Setting("models_dir", PATH, None, "where load_model without paths looks first: config/, checkpoint/, roberta-base/ (the parent app's layout), the seed's flat file names, or a converted folder",
             worker=True),
     # load_model
     Setting("config_path", PATH, None, "AudioSep YAML config (default config/audiosep_base.yaml)", (LOAD,),
@@ -325,7 +343,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_dir", PATH, None, "converted model folder (instead of a checkpoint)", (LOAD,)),
     Setting("device", DEVICE, "auto", "auto, cpu, cuda, cuda:N or mps", (LOAD,), worker=True, policy=False, seed=True),
     Setting("mmap", BOOL, False, "memory-map checkpoints when loading", (LOAD,), worker=True,
-            per_device="on, except on Windows (a mapped file could not be replaced while loaded)", seed=True),
+            per_device="on, except on Windows, where a mapped file could not be replaced while loaded", seed=True),
     Setting("use_torch_stft", BOOL_OR_AUTO, False, "torch.stft instead of the conv STFT (auto: for long files)",
             (LOAD, SEPARATE), worker=True, per_device="true on CUDA (cuFFT, faster there), false elsewhere", seed=True),
     Setting("auto_stft_seconds", SECONDS, 60.0, "duration from which use_torch_stft auto picks torch.stft",
@@ -340,14 +358,14 @@ SETTINGS: tuple[Setting, ...] = (
             (LOAD,), worker=True),
     Setting("backend", choice(*BACKENDS), "auto", "runtime of the network on CPU in fp32: auto (measured table), torch or openvino",
             (LOAD,), worker=True,
-            per_device="auto: openvino on x86-64 CPUs with AVX2 (when installed), torch elsewhere and on GPUs"),
+            per_device="auto, which picks openvino on x86-64 CPUs with AVX2 (when installed), torch elsewhere and on GPUs"),
     Setting("trust_checkpoint", BOOL, False, "unpickle without weights_only (runs code from the file)", (LOAD,),
             cli=""),
     # separate
     Setting("input", PATH, None, "the mixture to separate", (SEPARATE,), required=True, cli="", seed=True),
     Setting("output", PATH, None, "where the separated sound is written", (SEPARATE,), required=True, cli="", seed=True),
-    Setting("text", TEXT, "speech", "what to extract, in words (default only without another query)", (SEPARATE, EMBED),
-            seed=True),
+    Setting("text", TEXT, "speech", "what to extract, in words", (SEPARATE, EMBED),
+            seed=True, default_when=" when no other query is given"),
     Setting("query_audio", PATHS, None, "example audio of the sound: a file, or a list averaged", (SEPARATE, EMBED)),
     Setting("query_start", SECONDS_OR_ZERO, None, "start of the span of query_audio to use, seconds", (SEPARATE, EMBED)),
     Setting("query_end", SECONDS, None, "end of the span of query_audio to use, seconds", (SEPARATE, EMBED)),
@@ -422,7 +440,7 @@ def extension_field_names() -> list[str]:
 
 
 def markdown_table() -> str:
-    """The README's settings table."""
+    """The settings table of docs/settings.md."""
     rows = ["| setting | values | default | per-device default | commands | flag / env / policy | meaning |",
             "|---|---|---|---|---|---|---|"]
     for s in SETTINGS:
@@ -435,5 +453,24 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+TABLE_BEGIN, TABLE_END = "<!-- settings table: begin -->\n", "<!-- settings table: end -->"
+
+
+def with_table(document: str) -> str:
+    """``document`` (docs/settings.md) with the text between its table markers regenerated."""
+    head, rest = document.split(TABLE_BEGIN, 1)
+    return head + TABLE_BEGIN + markdown_table() + TABLE_END + rest.split(TABLE_END, 1)[1]
+
+
 if __name__ == "__main__":
-    print(markdown_table(), end="")
+    # python -m dsu_audiosep.options               print the table
+    # python -m dsu_audiosep.options FILE.md       regenerate the table inside FILE.md (docs/settings.md)
+    import sys
+
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], encoding="utf-8") as f:
+            text = with_table(f.read())
+        with open(sys.argv[1], "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        print(markdown_table(), end="")

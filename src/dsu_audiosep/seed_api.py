@@ -28,7 +28,7 @@ def build_audiosep(config_yaml: str | None, checkpoint_path: str, device: str = 
                    clap_checkpoint_path: str | None = None, roberta_dir: str | None = None,
                    use_torch_stft: bool = False, precision: str = "fp32", load_audio_branch: bool = False,
                    backend: str = "auto") -> AudioSep:
-    """``backend``: "auto" (the measured choice for this CPU), "torch" or "openvino" (see README)."""
+    """``backend``: "auto" (the measured choice for this CPU), "torch" or "openvino" (see docs/backends.md)."""
     model = load_model(config_path=config_yaml, checkpoint_path=checkpoint_path, device=device, mmap=mmap,
                        clap_checkpoint_path=clap_checkpoint_path, roberta_dir=roberta_dir,
                        use_torch_stft=use_torch_stft, precision=precision)

@@ -88,7 +88,7 @@ def choose(requested: str, device: str, precision: str, cpu: CpuInfo,
             return "openvino", None
         return "torch", "backend 'openvino' is not installed; using torch"
     # auto: the measured table (BENCHMARKS.md, "backends"): OpenVINO wherever its x86 CPU plugin
-    # has AVX2 kernels; torch elsewhere (arm64 untested here, see README).
+    # has AVX2 kernels; torch elsewhere (arm64 untested here, see docs/backends.md).
     if cpu.arch in X86 and "avx2" in cpu.flags and installed("openvino"):
         return "openvino", None
     return "torch", None

@@ -10,7 +10,7 @@ section on top of it. It is read once, at start-up. A missing file is normal; an
 malformed one, or a bad value, is reported on stderr and ignored (the worker must start anyway).
 
 Which settings exist, their environment variables, policy keys and values: ``dsu_audiosep.options``
-(the one table; the README's settings table is printed from it).
+(the one table; docs/settings.md is printed from it).
 """
 from __future__ import annotations
 
