@@ -4,10 +4,12 @@
 #      its sources (scripts/build_frozen.sh --if-stale);
 #   2. runs the quick pytest suite (everything not marked slow), with the frozen-binary tests
 #      required (DSU_REQUIRE_FROZEN=1: a missing build fails instead of skipping);
-#   3. runs the worker protocol, robustness and lifecycle suites (tests/test_worker.py,
-#      test_robustness.py, test_lifecycle.py), the audio-query, stems, batch, models-dir/cache and backend
-#      suites again, against the frozen binary over real pipes
-#      (DSU_WORKER_CMD);
+#   3. runs the worker suites (protocol, robustness, lifecycle, audio queries, stems, batch,
+#      models-dir/cache, backend: WORKER_SUITES below) against the frozen binary over real pipes
+#      (DSU_WORKER_CMD). They drive the worker only through its pipes, so the frozen run proves
+#      what a source run would and more (the bundle): step 2 leaves them out, and only their few
+#      tests that need the source tree (marker source_tree) run from source. With --no-frozen
+#      they run from source in step 2;
 #   4. on x86-64 with AVX2, runs the numerics tests (marker "numerics": parity with the original,
 #      two code paths of one computation) again with AVX2-only kernels (scripts/avx2_only.env), so
 #      an AVX-512/AMX machine also checks what an AMD Zen 1-3 or older Intel user computes.
@@ -39,8 +41,14 @@ export PYTHON="$py"
 
 start=$(date +%s)
 reports=$(mktemp -d)
-trap 'rm -rf "$reports"' EXIT
+# Every temporary file of the run (pytest's folders, test models, worker caches) goes under one
+# folder that is removed when the run ends, passed or failed.
+run_tmp=$(mktemp -d "${TMPDIR:-/tmp}/dsu-audiosep-test.XXXXXX")
+trap 'rm -rf "$reports" "$run_tmp"' EXIT
+export TMPDIR="$run_tmp"
 failed_steps=()
+WORKER_SUITES=(tests/test_worker.py tests/test_robustness.py tests/test_lifecycle.py tests/test_worker_audio_query.py
+               tests/test_stems.py tests/test_batch.py tests/test_models_dir_cache.py tests/test_worker_backend.py)
 
 exe=dist/dsu-audiosep/dsu-audiosep
 if (( frozen )); then
@@ -65,15 +73,22 @@ run_pytest() {
     5) echo "test.sh: $name: pytest collected no tests" >&2; failed_steps+=("$name (no tests)") ;;
     *) failed_steps+=("$name (pytest exit $rc)") ;;
   esac
+  # pytest keeps a session's temporary folders until it ends: their size now is the step's peak.
+  echo "test.sh: $name: temporary files $(du -sm "$run_tmp" 2>/dev/null | cut -f1) MB" >&2
+  rm -rf "${run_tmp:?}"/pytest-of-* 2>/dev/null || true
 }
 
 echo "== test.sh: quick suite"
-run_pytest quick-suite ${extra[@]+"${extra[@]}"}
-
-if (( frozen )) && [[ -f tests/test_worker.py ]]; then
-  echo "== test.sh: worker protocol suite against the frozen binary ($exe)"
-  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py tests/test_robustness.py tests/test_lifecycle.py \
-    tests/test_worker_audio_query.py tests/test_stems.py tests/test_batch.py tests/test_models_dir_cache.py tests/test_worker_backend.py
+if (( frozen )); then
+  ignore=()
+  for suite in "${WORKER_SUITES[@]}"; do ignore+=("--ignore=$suite"); done
+  run_pytest quick-suite "${ignore[@]}" ${extra[@]+"${extra[@]}"}
+  echo "== test.sh: worker-suite tests that need the source tree"
+  run_pytest worker-source-tree -m "source_tree and not slow" "${WORKER_SUITES[@]}"
+  echo "== test.sh: worker suites against the frozen binary ($exe)"
+  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite "${WORKER_SUITES[@]}"
+else
+  run_pytest quick-suite ${extra[@]+"${extra[@]}"}
 fi
 
 if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; then

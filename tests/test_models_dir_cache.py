@@ -127,11 +127,15 @@ def test_parent_models_folder_by_explicit_paths(model_files, tmp_path):
         separate_like_the_parent(client, folder)
 
 
-def test_parent_models_folder_by_models_dir(model_files, tmp_path):
+# The parent may start the worker from a desktop session whose locale is plain C (no UTF-8):
+# non-ASCII paths must work either way.
+@pytest.mark.parametrize("locale", ["inherited", "C"])
+def test_parent_models_folder_by_models_dir(model_files, tmp_path, locale):
     """--models-dir DIR finds the layout the worker uses beside its executable: config/,
     checkpoint/ (both weights files), roberta-base/; a load_model with no paths at all loads it."""
     folder = parent_models_folder(tmp_path, model_files)
-    with WorkerClient(worker_argv(), extra_args=["--models-dir", str(folder)]) as client:
+    env = clean_env(LC_ALL="C", LANG="C") if locale == "C" else clean_env()
+    with WorkerClient(worker_argv(), extra_args=["--models-dir", str(folder)], env=env) as client:
         client.wait_ready()
         loaded = client.request({"cmd": "load_model", "use_torch_stft": "auto", "auto_stft_seconds": 60,
                                  "mmap": False}, timeout=300)

@@ -102,6 +102,7 @@ FAKE_TORCH = textwrap.dedent(
 )
 
 
+@pytest.mark.source_tree
 @pytest.mark.skipif(FROZEN, reason="injects a fake torch module through PYTHONPATH (source tree only)")
 def test_loading_precedes_torch_import_and_commands_queue(spawn, tmp_path):
     # Deterministic proof (no timing): torch's import blocks on a gate file, yet "loading"
