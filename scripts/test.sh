@@ -10,9 +10,10 @@
 #      what a source run would and more (the bundle): step 2 leaves them out, and only their few
 #      tests that need the source tree (marker source_tree) run from source. With --no-frozen
 #      they run from source in step 2;
-#   4. on x86-64 with AVX2, runs the numerics tests (marker "numerics": parity with the original,
-#      two code paths of one computation) again with AVX2-only kernels (scripts/avx2_only.env), so
-#      an AVX-512/AMX machine also checks what an AMD Zen 1-3 or older Intel user computes.
+#   4. on x86-64 with AVX2, runs the in-process numerics tests (marker "numerics": parity with the
+#      original, two code paths of one computation) again with AVX2-only kernels
+#      (scripts/avx2_only.env), so an AVX-512/AMX machine also checks what an AMD Zen 1-3 or older
+#      Intel user computes.
 #
 #   scripts/test.sh                 all four steps
 #   scripts/test.sh --no-frozen     steps 2 and 4, frozen tests skipped (no build needed)
@@ -30,7 +31,7 @@ while (( $# )); do
   case "$1" in
     --no-frozen) frozen=0 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "test.sh: unknown argument: $1 (pytest arguments go after --)" >&2; exit 2 ;;
   esac
   shift
@@ -95,7 +96,11 @@ if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; the
   echo "== test.sh: numerics tests with AVX2-only kernels (scripts/avx2_only.env)"
   mapfile -t avx2_vars < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' scripts/avx2_only.env)
   export "${avx2_vars[@]}"
-  run_pytest numerics-avx2 -m "numerics and not slow"
+  # In process only: the worker suites' numerics cases run the same engine over pipes (their
+  # kernels are the ones checked here), and a worker per case would double this pass.
+  ignore=()
+  for suite in "${WORKER_SUITES[@]}"; do ignore+=("--ignore=$suite"); done
+  run_pytest numerics-avx2 -m "numerics and not slow" "${ignore[@]}"
   unset "${avx2_vars[@]%%=*}"
 fi
 

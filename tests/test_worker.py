@@ -781,7 +781,7 @@ def test_context_seconds_sets_the_chunk_overlap(model_worker, demo_model, tmp_pa
 
     client = model_worker
     load(client, demo_model)
-    mix = write_wav(tmp_path / "mix.wav", 6.0, channels=1, sr=32000)
+    mix = write_wav(tmp_path / "mix.wav", 3.0, channels=1, sr=32000)  # three windows of 1.28 s
     exact = {"output_sr": "input", "output_subtype": "FLOAT", "output_channels": "input"}
     outs = {}
     for name, extra in {"full": {"use_chunk": False},
