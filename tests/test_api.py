@@ -169,6 +169,17 @@ def test_the_array_is_read_in_blocks_without_a_copy():
         blocks = list(r)
     assert max(b.shape[1] for b in blocks) == 4096
     np.testing.assert_array_equal(np.concatenate(blocks, axis=1), x)
+    column_major = np.asfortranarray(x)  # e.g. soundfile's [frames, channels] array, transposed
+    with memory_audio(column_major, 44100, blocksize=4096).reader() as r:
+        np.testing.assert_array_equal(np.concatenate(list(r), axis=1), x)
+
+
+def test_models_dir_is_searched_when_no_file_is_named(sep, model_files):
+    folder = model_files["checkpoint_path"].parent  # the seed's file names, as --models-dir expects
+    other = Separator(models_dir=folder, config_path=model_files["config_path"], device="cpu", backend="torch")
+    assert other.model.sources["checkpoint_path"] == str(model_files["checkpoint_path"])
+    x = _signal(0.3, 16000)
+    _close(other.separate(x, 16000, text="rain"), sep.separate(x, 16000, text="rain"))
 
 
 BAD_ARRAYS = [
