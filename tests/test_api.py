@@ -161,6 +161,34 @@ def test_a_long_array_in_several_windows_equals_the_file_path(sep, tmp_path):
     _close(y, _via_file(sep, tmp_path, x, 44100, **settings))
 
 
+class _ShortOfMemory:
+    """The real model, except that a window longer than ``limit`` samples runs out of memory."""
+
+    def __init__(self, model, limit: int):
+        self._model, self._limit = model, limit
+        self.refused = 0
+
+    def __getattr__(self, name):  # everything else is the model's
+        return getattr(self._model, name)
+
+    def separate(self, wav, cond):
+        if wav.shape[-1] > self._limit:
+            self.refused += 1
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self._model.separate(wav, cond)
+
+
+def test_out_of_memory_retries_read_the_array_again_in_smaller_windows(sep):
+    x = _signal(2.4, 44100)
+    # the 2.4 s full pass fails; the retry's 1.2 s chunks with 0.32 s of context on each side fit
+    short = _ShortOfMemory(sep.model, limit=int(2.3 * 32000))
+    flaky = Separator.from_model(short, context_seconds=0.32)
+    expected = Separator.from_model(sep.model, use_chunk=True, chunk_length=1.2, context_seconds=0.32).separate(
+        x, 44100, text="rain")
+    _close(flaky.separate(x, 44100, text="rain"), expected)
+    assert short.refused == 1
+
+
 def test_the_array_is_read_in_blocks_without_a_copy():
     x = _signal(1.0, 44100, channels=2)
     audio = memory_audio(x, 44100, blocksize=4096)
