@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Literal, Mapping, Sequence, Union, cast
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from .worker.model_paths import check_exists, resolve_model_paths
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Separator", "AudioInput", "QuerySpec"]
+__all__ = ["Separator", "AudioInput", "QuerySpec", "Mode", "Progress", "Cancel"]
 
 # A path, an open binary file object, a numpy array or a torch tensor (1-D, or [channels, frames]).
 AudioInput = Union[str, "os.PathLike[str]", BinaryIO, np.ndarray, "torch.Tensor"]
@@ -43,6 +43,9 @@ AudioInput = Union[str, "os.PathLike[str]", BinaryIO, np.ndarray, "torch.Tensor"
 # query_embedding / mode (and "name" in a list).
 QuerySpec = Union[str, Mapping[str, Any]]
 PathLike = Union[str, "os.PathLike[str]"]
+Mode = Literal["extract", "remove"]
+Progress = Callable[[float], None]
+Cancel = Union[Callable[[], bool], threading.Event]
 
 _PATH_FIELDS = ("config_path", "checkpoint_path", "clap_checkpoint_path", "roberta_dir", "model_dir")
 # Settings of a separation, fixed per Separator (the table's meaning, engine/resolve.py applies them).
@@ -98,6 +101,9 @@ class Separator:
     """A loaded AudioSep model that separates audio given as arrays, tensors, file objects or paths.
 
     Calls on one Separator run one at a time (a lock); separate models separate in parallel.
+
+    Attributes:
+      model: the AudioSep model itself (what ``build_audiosep`` returns; ``separate_audio`` takes it).
     """
 
     def __init__(self, checkpoint_path: PathLike | None = None, *, clap_checkpoint_path: PathLike | None = None,
@@ -171,9 +177,8 @@ class Separator:
     def separate(self, audio: AudioInput, sample_rate: int | None = None, *, text: str | None = None,
                  query_audio: PathLike | Sequence[PathLike] | None = None, query_start: float | None = None,
                  query_end: float | None = None, query_weight: float | None = None,
-                 query_embedding: Sequence[float] | np.ndarray | None = None, mode: str = "extract",
-                 progress: Callable[[float], None] | None = None,
-                 cancel: Callable[[], bool] | threading.Event | None = None) -> np.ndarray:
+                 query_embedding: Sequence[float] | np.ndarray | None = None, mode: Mode = "extract",
+                 progress: Progress | None = None, cancel: Cancel | None = None) -> np.ndarray:
         """Separate one sound from ``audio``.
 
         Args:
@@ -204,8 +209,7 @@ class Separator:
 
     def separate_stems(self, audio: AudioInput, sample_rate: int | None = None, *,
                        queries: Mapping[str, QuerySpec] | Sequence[QuerySpec], residual: str | None = None,
-                       progress: Callable[[float], None] | None = None,
-                       cancel: Callable[[], bool] | threading.Event | None = None) -> dict[str, np.ndarray]:
+                       progress: Progress | None = None, cancel: Cancel | None = None) -> dict[str, np.ndarray]:
         """Separate several sounds in one pass over ``audio`` (each window is read once for all).
 
         Args:
@@ -249,8 +253,7 @@ class Separator:
         return vector.detach().cpu().numpy().astype(np.float32)
 
     def _run(self, audio: AudioInput, sample_rate: Any, stems: tuple[Stem, ...], is_stems: bool,
-             residual: str | None, progress: Callable[[float], None] | None,
-             cancel: Callable[[], bool] | threading.Event | None) -> dict[str, np.ndarray]:
+             residual: str | None, progress: Progress | None, cancel: Cancel | None) -> dict[str, np.ndarray]:
         source, info = _mixture(audio, sample_rate)
         job, first = self._job, stems[0]
         opts = SeparateOptions(use_chunk=job.use_chunk, chunk_seconds=job.chunk_seconds, chunk_length=job.chunk_length,
@@ -267,7 +270,7 @@ class Separator:
         with self._lock:
             self.model.set_stft(plan.use_torch_stft)
             run_job(self.model, plan, source, outputs, progress, cancelled)
-        return {o.path: o.array for o in outputs}
+        return {o.path: o.result() for o in outputs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def _mixture(audio: AudioInput, sample_rate: Any) -> tuple[Source, Any]:
         _same_rate(sample_rate, info.samplerate, f"'{path}'")
         return file_source(path), info
     if hasattr(audio, "read"):  # decoded whole: an object cannot be re-read on an OOM retry
-        mem: MemoryAudio = read_file_object(audio)
+        mem: MemoryAudio = read_file_object(cast(BinaryIO, audio))
         _same_rate(sample_rate, mem.samplerate, "the file object")
     else:
         if sample_rate is None:

@@ -201,6 +201,12 @@ class MemoryOutput:
         self.path, self.samplerate, self.channels = name, int(samplerate), int(channels)
         self.array: np.ndarray | None = None
 
+    def result(self) -> np.ndarray:
+        """The committed array; a run that did not commit has none."""
+        if self.array is None:
+            raise RuntimeError(f"output '{self.path}' was not written")
+        return self.array
+
     def writer(self, *, expected_frames: int | None = None, warnings: list[str] | None = None) -> "ArraySink":
         if expected_frames is None:
             raise ValueError("an in-memory output needs expected_frames (its array is allocated once)")

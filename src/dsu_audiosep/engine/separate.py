@@ -127,7 +127,7 @@ def _get(q: queue.Queue, stop: threading.Event):
 
 
 class _Pipeline:
-    """One attempt at a file with a fixed window plan; raises on OOM so the caller can retry.
+    """One attempt at a job with a fixed window plan; raises on OOM so the caller can retry.
 
     Three stages run at once, handing whole windows over bounded queues: a reader thread (decode,
     downmix, resample to 32 kHz, cut windows), the calling thread (forward passes, where CUDA
