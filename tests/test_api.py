@@ -71,6 +71,8 @@ def test_mono_1d_float64_and_torch_inputs(sep):
     assert ref.shape == (1, x.shape[1])  # always [channels, frames], a 1-D input included
     _close(sep.separate(x[0], 44100, text="vocals"), ref)
     _close(sep.separate(x[0].astype(np.float64), 44100, text="vocals"), ref)
+    tiny = sep.separate(np.full(10, 0.1, np.float32), 8000, text="vocals")  # shorter than one STFT frame
+    assert tiny.shape == (1, 10) and np.isfinite(tiny).all()
     out = sep.separate(torch.from_numpy(x), 44100, text="vocals")
     assert isinstance(out, np.ndarray)
     _close(out, ref)
