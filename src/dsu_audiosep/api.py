@@ -118,8 +118,8 @@ class Separator:
           roberta_dir: the roberta-base tokenizer folder (default: found like the worker finds it).
           model_dir: a converted model folder, instead of checkpoint_path.
           config_path: the AudioSep YAML config (default config/audiosep_base.yaml when present).
-          models_dir: where to look when no checkpoint_path/model_dir is given (seed file names or a
-            converted folder), before the worker's defaults.
+          models_dir: where to look first when no checkpoint_path/model_dir is given (config/,
+            checkpoint/, roberta-base/; the seed's flat file names; or a converted folder).
           device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
           **settings: other rows of the options table: mmap, precision, backend, use_torch_stft,
             auto_stft_seconds, load_audio_branch, trust_checkpoint, and the chunking of every
