@@ -9,7 +9,9 @@
     separate_audio(model, "mix.wav", None, "kick.wav", query_embedding=vec)
 
 Both are thin wrappers over :func:`dsu_audiosep.model.checkpoints.load_model` and
-:func:`dsu_audiosep.engine.separate.separate_file`.
+:func:`dsu_audiosep.engine.separate.separate_file`. For audio in memory (arrays, tensors, file
+objects) and stems, see :class:`dsu_audiosep.Separator` (api.py; ``Separator.from_model(model)``
+wraps a model built here); both run the same pipeline.
 """
 from __future__ import annotations
 

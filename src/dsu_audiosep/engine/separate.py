@@ -8,9 +8,14 @@ A "full pass" is the same pipeline with one window covering the whole file.
 Channels are separated independently (the model is mono); when the output has fewer channels
 than the input (``output_channels="stereo"`` on a 5.1 file) the downmix happens first, so only
 what is written gets separated.
+
+The source and the sinks are passed in (``run_job``): a file read by ``BlockReader`` and atomic
+file writers (``run_plan``), or an array in memory and in-memory sinks (audio_memory.py, the
+Python API's way); the pipeline between them is the same.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -18,7 +23,7 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -26,7 +31,7 @@ import torch
 from ..errors import CANCELLED, OUT_OF_MEMORY, OUTPUT_ERROR, AudioSepError
 from ..model.constants import GRID, N_FFT, SAMPLE_RATE
 from .audio_read import BlockReader, probe
-from .audio_write import OutputPlan, prepare_output, same_file
+from .audio_write import prepare_output, same_file
 from .chunking import Window, plan_windows, seconds_to_samples
 from .output_options import OutputOptions, map_channels, output_channel_count
 from .queries import Stem, check_distinct_outputs
@@ -42,6 +47,16 @@ log = logging.getLogger(__name__)
 RELEASE_TEXT_PAGES_S = 7.0
 MIN_WINDOW = N_FFT  # reflect padding of the centred STFT needs more than n_fft / 2 samples
 READ_BLOCK = 1 << 16
+
+# Where a job reads its mixture: called with the job's warnings list, it opens a fresh reader with
+# BlockReader's interface (samplerate, channels, frames, read(), close, context manager). An OOM
+# retry calls it again: every attempt reads from the start.
+Source = Callable[[list[str]], ContextManager[Any]]
+
+
+def file_source(path: str) -> Source:
+    """The mixture read from a file, block by block."""
+    return lambda warnings: BlockReader(path, READ_BLOCK, warnings=warnings)
 
 
 @dataclass
@@ -112,7 +127,7 @@ def _get(q: queue.Queue, stop: threading.Event):
 
 
 class _Pipeline:
-    """One attempt at a file with a fixed window plan; raises on OOM so the caller can retry.
+    """One attempt at a job with a fixed window plan; raises on OOM so the caller can retry.
 
     Three stages run at once, handing whole windows over bounded queues: a reader thread (decode,
     downmix, resample to 32 kHz, cut windows), the calling thread (forward passes, where CUDA
@@ -122,18 +137,19 @@ class _Pipeline:
     memory stays bounded by the window length.
     """
 
-    def __init__(self, model, reader_path: str, plans: list[OutputPlan], options: SeparateOptions,
+    def __init__(self, model, source: Source, plans: list, options: SeparateOptions,
                  queries: tuple[Stem, ...], conds: list[torch.Tensor], stems: bool,
                  chunk_samples: int | None, progress, cancelled, warnings: list[str]):
-        # plans: one per query, in order, then the residual's if asked for
-        self.model, self.path, self.plans, self.opt = model, reader_path, plans, options
+        # plans: one per query, in order, then the residual's if asked for; each an OutputPlan or
+        # anything with its samplerate, channels, channel_mode and writer() (an in-memory sink)
+        self.model, self.source, self.plans, self.opt = model, source, plans, options
         self.queries, self.conds, self.stems, self.chunk_samples = queries, conds, stems, chunk_samples
         self.residual = len(plans) > len(queries)
         self.progress, self.cancelled, self.warnings = progress, cancelled, warnings
         self.parallel = _resample_in_threads(model.device)
 
     def run(self) -> int:
-        with BlockReader(self.path, READ_BLOCK, warnings=self.warnings) as reader:
+        with self.source(self.warnings) as reader:
             sr, c_in, frames = reader.samplerate, reader.channels, reader.frames
             mode = self.opt.output_channels
             c_sep = output_channel_count(c_in, mode) if mode == "stereo" and c_in > 2 else c_in
@@ -335,15 +351,26 @@ def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = No
              cancelled: Callable[[], bool] | None = None) -> SeparationResult:
     """Run a planned job (see engine/resolve.py) on ``model``, whose STFT the caller has set."""
     input_path, opt, queries = plan.input_path, plan.options, plan.all_queries
-    warnings: list[str] = list(plan.warnings)
     targets = [q.output for q in queries] + ([opt.residual_output] if opt.residual_output else [])
     check_distinct_outputs(input_path, targets)
     # A file that could not be probed while planning is probed again here, so that its read
     # error is the one reported.
-    info = plan.info if plan.info is not None else probe(input_path)
+    if plan.info is None:
+        plan = dataclasses.replace(plan, info=probe(input_path))
+    info = plan.info
     _check_files_distinct(input_path, targets)
     out_opts = OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
     plans = [prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
+    return run_job(model, plan, file_source(input_path), plans, progress, cancelled)
+
+
+def run_job(model, plan: JobPlan, source: Source, outputs: list, progress: Callable[[float], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> SeparationResult:
+    """Run a planned job whose outputs are checked: the mixture from ``source`` (a file or memory),
+    one output per query then the residual's (OutputPlan, or in-memory sinks with its interface).
+    ``plan.info`` describes what ``source`` reads."""
+    opt, queries, info = plan.options, plan.all_queries, plan.info
+    warnings: list[str] = list(plan.warnings)
     conds = [query_embedding(model, q.what) for q in queries]
 
     duration = info.frames / info.samplerate
@@ -357,7 +384,7 @@ def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = No
             model.release_audio_pages()
     while True:
         chunk_samples = seconds_to_samples(chunk_len) if chunked else None
-        pipe = _Pipeline(model, input_path, plans, opt, queries, conds, bool(plan.queries), chunk_samples,
+        pipe = _Pipeline(model, source, outputs, opt, queries, conds, bool(plan.queries), chunk_samples,
                          progress, cancelled, warnings)
         try:
             n_windows = pipe.run()
@@ -377,6 +404,6 @@ def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = No
             warnings.append(f"out of memory; retried with {smaller:.1f} s chunks")
             chunked, chunk_len = True, smaller
     return SeparationResult(
-        files=[p.path for p in plans], duration=duration, chunked=chunked, windows=n_windows,
+        files=[p.path for p in outputs], duration=duration, chunked=chunked, windows=n_windows,
         chunk_length=chunk_len if chunked else None, use_torch_stft=model.use_torch_stft, warnings=warnings,
     )
