@@ -342,7 +342,7 @@ def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = No
     # error is the one reported.
     info = plan.info if plan.info is not None else probe(input_path)
     _check_files_distinct(input_path, targets)
-    out_opts = OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
+    out_opts = OutputOptions.for_job(opt.output_sr, opt.output_subtype, opt.output_channels, opt.output_bitrate)
     plans = [prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
     conds = [query_embedding(model, q.what) for q in queries]
 
