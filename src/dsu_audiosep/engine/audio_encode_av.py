@@ -57,7 +57,11 @@ class AvSink:
         self._rs = StreamResampler(self.channels, samplerate, self.rate) if self.rate != samplerate else None
         self._pts = 0
         try:
-            self._c = av.open(path, "w", format=muxer)
+            # MP4 writes the edit list (which trims the priming and the end padding) in the movie's
+            # timescale, 1/1000 s by default: 72,500 samples at 48 kHz would read back as 72,480.
+            # The audio rate as the movie's timescale makes the declared length exact.
+            options = {"movie_timescale": str(self.rate)} if muxer == "ipod" else {}
+            self._c = av.open(path, "w", format=muxer, options=options)
             try:
                 self._s = self._c.add_stream(encoder, rate=self.rate, layout=self.layout)
                 self._s.bit_rate = int(kbps) * 1000
