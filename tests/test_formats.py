@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,60 @@ def test_av_is_not_imported_until_such_a_file_arrives(files):
     out = subprocess.run([sys.executable, "-c", code, str(files["source"])], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# -- over the worker's pipes (scripts/test.sh reruns this part against the frozen binary) ---------
+
+
+@pytest.fixture(scope="module")
+def worker(model_files, tmp_path_factory):
+    """A worker whose PATH holds nothing: no ffmpeg program can be found, only PyAV's libraries."""
+    from worker_client import WorkerClient, clean_env, worker_argv
+
+    empty = tmp_path_factory.mktemp("empty-path")
+    client = WorkerClient(worker_argv(), env=clean_env(PATH=str(empty)))
+    try:
+        client.wait_ready(300)
+        reply = client.request({"cmd": "load_model", "checkpoint_path": str(model_files["checkpoint_path"]),
+                                "roberta_dir": str(model_files["roberta_dir"]), "device": "cpu"}, timeout=600)
+        assert reply["status"] == "model_loaded", reply
+        yield client
+        client.assert_all_json()
+    finally:
+        client.kill()
+
+
+def test_worker_separates_the_new_formats_into_lossy_outputs(worker, files, tmp_path):
+    # .m4a in, .mp3 out with a residual as .m4a; a WebM in, .opus out; a video's soundtrack in.
+    jobs = [(files["aac-m4a"], tmp_path / "a.mp3", {"residual_output": str(tmp_path / "a_rest.m4a")}),
+            (files["opus-webm"], tmp_path / "b.opus", {"output_bitrate": 64}),
+            (files["mp4-video"], tmp_path / "c.wav", {"query_audio": str(files["alac-m4a"])})]
+    for src, out, extra in jobs:
+        reply = worker.request({"cmd": "separate", "input": str(src), "output": str(out), "text": "a tone",
+                                "output_sr": "input", **extra}, timeout=600)
+        assert reply["status"] == "done", reply
+        expected = audio_read.probe(src).duration
+        for written in reply["files"]:
+            assert abs(audio_read.probe(written).duration - expected) <= 0.001, written
+    assert audio_read.probe(tmp_path / "b.opus").samplerate == 48000
+
+
+def test_worker_batch_and_bad_files(worker, files, tmp_path):
+    cut = bad.cut_in_the_middle(files["aac-m4a"], tmp_path / "cut.m4a")
+    silent = bad.silent_video(tmp_path / "silent.mp4")
+    noise = bad.random_bytes(tmp_path / "noise.m4a")
+    jobs = [{"input": str(files["wma"]), "output": str(tmp_path / "w.wav")},
+            {"input": str(files["ac3"]), "output": str(tmp_path / "x.m4a")},
+            {"input": str(cut), "output": str(tmp_path / "cut.wav")},
+            {"input": str(silent), "output": str(tmp_path / "silent.wav")},
+            {"input": str(noise), "output": str(tmp_path / "noise.wav")},
+            {"input": str(files["source"]), "output": str(tmp_path / "sub.mp3"), "output_subtype": "PCM_24"}]
+    reply = worker.request({"cmd": "batch", "id": "fmt", "jobs": [{"text": "x", **j} for j in jobs]}, timeout=900)
+    assert reply["status"] == "done", reply
+    codes = [r.get("code") if r["status"] == "error" else r["status"] for r in reply["results"]]
+    assert codes == ["done", "done", "invalid_audio", "invalid_audio", "invalid_audio", "invalid_field"], reply
+    assert "no audio stream" in reply["results"][3]["message"]
+    # nothing partial or failed was left next to the outputs
+    assert [Path(j["output"]).name for j in jobs if Path(j["output"]).exists()] == ["w.wav", "x.m4a"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert worker.request({"cmd": "ping"})["status"] == "pong"
