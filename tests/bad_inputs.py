@@ -266,7 +266,21 @@ def zeroed_header(src: PathLike, dst: PathLike, nbytes: int = 64) -> Path:
     return Path(dst)
 
 
-def random_bytes(path: PathLike, size: int = 20000, seed: int = 0) -> Path:
-    """Random bytes under an audio name (e.g. ``x.m4a``)."""
-    Path(path).write_bytes(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes())
+def m4a(path: PathLike, seconds: float = 0.5, sr: int = 44100, channels: int = 2, codec: str = "aac") -> Path:
+    """A tone as AAC (or ALAC) in .m4a, made like FFmpeg's tool makes it."""
+    return encode_av(path, tone(int(seconds * sr), sr, channels), sr, codec, "mp4")
+
+
+def cut_m4a(path: PathLike) -> Path:
+    """An .m4a whose download stopped half way (its index, written last, is gone)."""
+    whole = m4a(Path(path).with_name("whole_" + Path(path).name))
+    cut_in_the_middle(whole, path)
+    whole.unlink()
+    return Path(path)
+
+
+def zeroed_m4a(path: PathLike) -> Path:
+    whole = m4a(Path(path).with_name("whole_" + Path(path).name))
+    zeroed_header(whole, path)
+    whole.unlink()
     return Path(path)
