@@ -73,7 +73,8 @@ run_pytest quick-suite ${extra[@]+"${extra[@]}"}
 if (( frozen )) && [[ -f tests/test_worker.py ]]; then
   echo "== test.sh: worker protocol suite against the frozen binary ($exe)"
   DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite tests/test_worker.py tests/test_robustness.py tests/test_lifecycle.py \
-    tests/test_worker_audio_query.py tests/test_stems.py tests/test_batch.py tests/test_models_dir_cache.py tests/test_worker_backend.py
+    tests/test_worker_audio_query.py tests/test_stems.py tests/test_batch.py tests/test_models_dir_cache.py tests/test_worker_backend.py \
+    tests/test_formats.py::test_worker_separates_the_new_formats_into_lossy_outputs tests/test_formats.py::test_worker_batch_and_bad_files
 fi
 
 if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
