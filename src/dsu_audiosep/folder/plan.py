@@ -27,7 +27,9 @@ from ..errors import DUPLICATE_OUTPUT, FILE_NOT_FOUND, INVALID_FIELD, OUTPUT_ERR
 # libsndfile's, then what PyAV decodes (engine/audio_decode_av.py), video soundtracks included.
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus", ".m4a",
                               ".aac", ".mp4", ".mov", ".mkv", ".mka", ".webm", ".avi", ".wma", ".ac3", ".eac3", ".caf"})
-# Output containers (engine/output_options.py); another input extension is written as .wav.
+# Output containers (engine/output_options.py) an input's {ext} keeps; another input extension is
+# written as .wav. The lossy .mp3/.opus/.m4a are left out on purpose: a folder run should not
+# re-encode a lossy file lossily unless the template asks for it (e.g. "{stem}_{query}.mp3").
 OUTPUT_EXTENSIONS = frozenset({"wav", "flac", "ogg", "oga", "aiff", "aif"})
 DEFAULT_TEMPLATE = "{stem}_{query}.{ext}"
 MAX_QUERY_NAME = 60
