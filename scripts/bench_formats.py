@@ -129,7 +129,7 @@ def main() -> None:
     print(f"machine: {cpu}; {os.cpu_count()} logical CPUs; {time.strftime('%Y-%m-%d')}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        print(f"\n| input ({args.seconds:.0f} s stereo) | decoded frames / s of audio | x real time |")
+        print(f"\n| input ({args.seconds:.0f} s stereo) | audio read | x real time |")
         print("|---|---|---|")
         for name in FORMATS:
             path = make(folder, name, args.seconds)

@@ -3,7 +3,9 @@
 Everything here works on float32 arrays shaped ``[channels, frames]``.
 
 Anything libsndfile (through ``soundfile``) decodes is read: WAV (8/16/24/32-bit integer, 32/64-bit
-float), FLAC, OGG/Vorbis, AIFF, MP3 and the rest, at any rate and channel count. Failures a user
+float), FLAC, OGG/Vorbis, AIFF, MP3 and the rest, at any rate and channel count. What libsndfile
+does not recognise goes to FFmpeg through PyAV (audio_decode_av.py: AAC, ALAC, WebM, WMA, AC-3,
+video soundtracks), streamed through the same ``BlockReader``. Failures a user
 can cause become ``AudioSepError`` with a stable code: ``FILE_NOT_FOUND`` (missing path or broken
 link), ``PERMISSION_DENIED`` (cannot be opened for reading), ``INVALID_AUDIO`` (a folder, a
 device or pipe, not audio, damaged, truncated, or without samples).
@@ -177,6 +179,9 @@ def _open_input(p: str, warnings: list[str] | None = None) -> tuple["sf.SoundFil
             from .audio_decode_av import open_av
 
             src = open_av(p, warnings)
+            if src.frames <= 0:
+                src.close()
+                raise AudioSepError(INVALID_AUDIO, f"'{p}' contains no samples") from None
             return src, src.frames
         raise AudioSepError(
             INVALID_AUDIO,
