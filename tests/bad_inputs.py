@@ -172,7 +172,8 @@ def yaml_without_model_section(path: PathLike) -> Path:
 
 
 def encode_av(path: PathLike, data: np.ndarray, sr: int, codec: str, fmt: str, *, bit_rate: int | None = None,
-              sample_format: str = "fltp", video: bool = False, streams: int = 1) -> Path:
+              sample_format: str = "fltp", video: bool = False, streams: int = 1,
+              options: dict[str, str] | None = None) -> Path:
     """Encode ``data`` [frames, channels] with PyAV as FFmpeg's tool would (timestamps from 0, so the
     encoder's priming is declared); ``video`` adds a small picture stream first (a soundtrack),
     ``streams`` repeats the audio stream (the second one at half the amplitude)."""
@@ -188,7 +189,7 @@ def encode_av(path: PathLike, data: np.ndarray, sr: int, codec: str, fmt: str, *
             v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
         outs = []
         for k in range(streams):
-            s = c.add_stream(codec, rate=sr, layout=layout)
+            s = c.add_stream(codec, rate=sr, layout=layout, options=options or {})
             if bit_rate:
                 s.bit_rate = bit_rate
             outs.append(s)

@@ -41,6 +41,8 @@ LOSSY = {
     "aac-m4a": ("aac.m4a", "aac", "mp4", {}),
     "aac-adts": ("adts.aac", "aac", "adts", {}),
     "opus-webm": ("opus.webm", "libopus", "webm", {}),
+    # FFmpeg's own Vorbis encoder (the wheel has no libvorbis) is marked experimental
+    "vorbis-webm": ("vorbis.webm", "vorbis", "webm", {"options": {"strict": "experimental"}}),
     "wma": ("wma.wma", "wmav2", "asf", {"bit_rate": 128000}),
     "ac3": ("ac3.ac3", "ac3", "ac3", {}),
     "eac3": ("eac3.eac3", "eac3", "eac3", {}),
@@ -50,7 +52,7 @@ LOSSY = {
     "avi-video": ("video.avi", "ac3", "avi", {"video": True}),
 }
 # Aligned with the source (priming trimmed by the container), so an SNR against it means something.
-ALIGNED = {"aac-m4a", "opus-webm", "aac-mov", "mp4-video", "mkv-video"}
+ALIGNED = {"aac-m4a", "opus-webm", "vorbis-webm", "aac-mov", "mp4-video", "mkv-video"}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,8 @@ def test_lossy_length_and_quality(files, name):
     assert sr == SR and y.shape == (2, info.frames) and abs(info.duration - info.frames / SR) < 1e-9
     if name in ALIGNED:
         src, _ = audio_read.read_audio(files["source"])
-        assert snr_db(src[:, : y.shape[1]], y[:, : src.shape[1]]) > 12
+        # FFmpeg's experimental Vorbis encoder is far from transparent at its default quality
+        assert snr_db(src[:, : y.shape[1]], y[:, : src.shape[1]]) > (6 if name == "vorbis-webm" else 12)
 
 
 @pytest.mark.parametrize("name", ["aac-m4a", "opus-webm", "alac-m4a"])
