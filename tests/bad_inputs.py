@@ -173,7 +173,7 @@ def yaml_without_model_section(path: PathLike) -> Path:
 
 def encode_av(path: PathLike, data: np.ndarray, sr: int, codec: str, fmt: str, *, bit_rate: int | None = None,
               sample_format: str = "fltp", video: bool = False, streams: int = 1,
-              options: dict[str, str] | None = None) -> Path:
+              options: dict[str, str] | None = None, container_options: dict[str, str] | None = None) -> Path:
     """Encode ``data`` [frames, channels] with PyAV as FFmpeg's tool would (timestamps from 0, so the
     encoder's priming is declared); ``video`` adds a small picture stream first (a soundtrack),
     ``streams`` repeats the audio stream (the second one at half the amplitude)."""
@@ -182,7 +182,7 @@ def encode_av(path: PathLike, data: np.ndarray, sr: int, codec: str, fmt: str, *
 
     channels = data.shape[1]
     layout = {1: "mono", 2: "stereo"}[channels]
-    with av.open(str(path), "w", format=fmt) as c:
+    with av.open(str(path), "w", format=fmt, options=container_options or {}) as c:
         v = None
         if video:
             v = c.add_stream("mpeg4", rate=10)

@@ -140,7 +140,16 @@ def _expect_invalid(path, *words):
 
 
 def test_damaged_containers_are_invalid_audio(files, tmp_path):
-    _expect_invalid(bad.cut_in_the_middle(files["aac-m4a"], tmp_path / "cut.m4a"))
+    _expect_invalid(bad.cut_in_the_middle(files["aac-m4a"], tmp_path / "cut.m4a"))  # its index (written last) gone
+    # index first ("faststart"): the file opens, declares its length, and its data stops half way
+    whole = bad.encode_av(tmp_path / "fast.m4a", _signal(), SR, "aac", "mp4", container_options={"movflags": "faststart"})
+    assert abs(audio_read.probe(whole).frames - N) <= SR // 1000  # the edit list counts whole ms
+    cut = bad.cut_in_the_middle(whole, tmp_path / "fast_cut.m4a")
+    _expect_invalid(cut)
+    with audio_read.BlockReader(cut) as r:  # an error, not a short read, however it is read
+        with pytest.raises(AudioSepError):
+            for _ in r:
+                pass
     _expect_invalid(bad.zeroed_header(files["aac-m4a"], tmp_path / "zero.m4a"))
     _expect_invalid(bad.zeroed_header(files["opus-webm"], tmp_path / "zero.webm"))
     _expect_invalid(bad.random_bytes(tmp_path / "random.m4a"))

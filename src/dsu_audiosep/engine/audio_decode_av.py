@@ -133,8 +133,11 @@ class AvSource:
             log.warning("%s", msg)
             if warnings_out is not None:
                 warnings_out.append(msg)
-        ctx = stream.codec_context
-        codec = getattr(ctx, "name", None) or "unknown"
+        try:
+            ctx = stream.codec_context
+        except Exception:  # PyAV raises when FFmpeg has no decoder for the stream's codec
+            ctx = None
+        codec = getattr(ctx, "name", None) or getattr(getattr(stream, "codec", None), "name", None) or "unknown"
         if ctx is None or getattr(ctx, "codec", None) is None:
             raise AudioSepError(INVALID_AUDIO, f"'{self.path}': its audio codec ({codec}) is not supported")
         self.samplerate = int(ctx.sample_rate or 0)
