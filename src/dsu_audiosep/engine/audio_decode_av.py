@@ -184,7 +184,6 @@ class AvSource:
             self._container.close()
         self._open()
         self._stream = self._container.streams[self.stream_index]
-        self._stream.thread_type = "AUTO"
         self._decoded = 0
         self._ended = False
         self._pending = np.empty((0, self.channels), dtype=np.float32)
