@@ -44,6 +44,9 @@ PACKAGES = [
     "tokenizers",
     "safetensors",
     "yaml",
+    # PyAV: FFmpeg's libraries inside its wheel (av.libs) decode AAC/ALAC/WebM/WMA/AC-3 and video
+    # soundtracks and encode MP3/Opus/AAC; its Cython modules import one another at run time.
+    "av",
 ]
 # The CPU runtime of the separator body (engine/backend_openvino.py), when installed (the
 # `openvino` extra) and not turned off with DSU_FREEZE_OPENVINO=0 (the slim bundle: torch only).
@@ -194,6 +197,12 @@ def _prune(target: Path) -> None:
         p = target / rel
         if p.is_dir():
             shutil.rmtree(p)
+    # PyAV's Cython declarations and type stubs: for building against it and for editors only.
+    # Its shared libraries all stay: libavcodec links every codec library it was built with
+    # (x265, SVT-AV1, ...), so none can go without the decoder failing to load.
+    for pattern in ("*.pxd", "*.pyi", "*.pyx"):
+        for f in (target / "lib" / "av").rglob(pattern):
+            f.unlink()
 
 
 def _compile_shipped_sources(target: Path) -> int:

@@ -50,6 +50,9 @@ export TMPDIR="$run_tmp"
 failed_steps=()
 WORKER_SUITES=(tests/test_worker.py tests/test_robustness.py tests/test_lifecycle.py tests/test_worker_audio_query.py
                tests/test_stems.py tests/test_batch.py tests/test_models_dir_cache.py tests/test_worker_backend.py)
+# Worker tests inside other modules (whose other tests run in process): frozen only as well.
+WORKER_TESTS=(tests/test_formats.py::test_worker_separates_the_new_formats_into_lossy_outputs
+              tests/test_formats.py::test_worker_batch_and_bad_files)
 
 exe=dist/dsu-audiosep/dsu-audiosep
 if (( frozen )); then
@@ -83,11 +86,12 @@ echo "== test.sh: quick suite"
 if (( frozen )); then
   ignore=()
   for suite in "${WORKER_SUITES[@]}"; do ignore+=("--ignore=$suite"); done
+  for test in "${WORKER_TESTS[@]}"; do ignore+=("--deselect=$test"); done
   run_pytest quick-suite "${ignore[@]}" ${extra[@]+"${extra[@]}"}
   echo "== test.sh: worker-suite tests that need the source tree"
   run_pytest worker-source-tree -m "source_tree and not slow" "${WORKER_SUITES[@]}"
   echo "== test.sh: worker suites against the frozen binary ($exe)"
-  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite "${WORKER_SUITES[@]}"
+  DSU_WORKER_CMD="$(printf '%q' "$PWD/$exe") --worker" run_pytest frozen-worker-suite "${WORKER_SUITES[@]}" "${WORKER_TESTS[@]}"
 else
   run_pytest quick-suite ${extra[@]+"${extra[@]}"}
 fi

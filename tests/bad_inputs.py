@@ -165,3 +165,123 @@ def malformed_yaml(path: PathLike) -> Path:
 def yaml_without_model_section(path: PathLike) -> Path:
     Path(path).write_text("- just\n- a\n- list\n")
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Compressed containers, made with PyAV's own encoders (no ffmpeg program needed), and damaged ones
+
+
+def encode_av(path: PathLike, data: np.ndarray, sr: int, codec: str, fmt: str, *, bit_rate: int | None = None,
+              sample_format: str = "fltp", video: bool = False, streams: int = 1,
+              options: dict[str, str] | None = None, container_options: dict[str, str] | None = None) -> Path:
+    """Encode ``data`` [frames, channels] with PyAV as FFmpeg's tool would (timestamps from 0, so the
+    encoder's priming is declared); ``video`` adds a small picture stream first (a soundtrack),
+    ``streams`` repeats the audio stream (the second one at half the amplitude)."""
+    import av
+    from fractions import Fraction
+
+    channels = data.shape[1]
+    layout = {1: "mono", 2: "stereo"}[channels]
+    with av.open(str(path), "w", format=fmt, options=container_options or {}) as c:
+        v = None
+        if video:
+            v = c.add_stream("mpeg4", rate=10)
+            v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        outs = []
+        for k in range(streams):
+            s = c.add_stream(codec, rate=sr, layout=layout, options=options or {})
+            if bit_rate:
+                s.bit_rate = bit_rate
+            outs.append(s)
+        if v is not None:
+            pic = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            for i in range(int(len(data) / sr * 10) + 1):
+                pic.pts = i
+                for p in v.encode(pic):
+                    c.mux(p)
+            for p in v.encode(None):
+                c.mux(p)
+        for k, s in enumerate(outs):
+            scaled = data * (0.5 ** k)
+            for i in range(0, len(data), 4096):
+                block = scaled[i:i + 4096]
+                if sample_format == "s16p":
+                    arr = np.round(block.T * 32768).clip(-32768, 32767).astype(np.int16)
+                elif sample_format == "s16":
+                    arr = np.round(block * 32768).clip(-32768, 32767).astype(np.int16).reshape(1, -1)
+                else:
+                    arr = np.ascontiguousarray(block.T, dtype=np.float32)
+                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format=sample_format, layout=layout)
+                fr.sample_rate, fr.pts, fr.time_base = sr, i, Fraction(1, sr)
+                for p in s.encode(fr):
+                    c.mux(p)
+            for p in s.encode(None):
+                c.mux(p)
+    return Path(path)
+
+
+def silent_video(path: PathLike) -> Path:
+    """An MP4 with a picture stream and no sound."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as c:
+        v = c.add_stream("mpeg4", rate=10)
+        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        for i in range(5):
+            pic = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            pic.pts = i
+            for p in v.encode(pic):
+                c.mux(p)
+        for p in v.encode(None):
+            c.mux(p)
+    return Path(path)
+
+
+def picture(path: PathLike) -> Path:
+    """A PNG picture (FFmpeg opens it, as a video of one frame)."""
+    import av
+
+    with av.open(str(path), "w", format="image2") as c:
+        v = c.add_stream("png", rate=1)
+        v.width, v.height, v.pix_fmt = 16, 16, "rgb24"
+        pic = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 200, np.uint8), format="rgb24")
+        for p in v.encode(pic):
+            c.mux(p)
+        for p in v.encode(None):
+            c.mux(p)
+    return Path(path)
+
+
+def cut_in_the_middle(src: PathLike, dst: PathLike) -> Path:
+    """The first half of ``src`` (a download or copy that stopped)."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: len(data) // 2])
+    return Path(dst)
+
+
+def zeroed_header(src: PathLike, dst: PathLike, nbytes: int = 64) -> Path:
+    """``src`` with its first ``nbytes`` bytes zeroed (the container's signature gone)."""
+    data = bytearray(Path(src).read_bytes())
+    data[:nbytes] = bytes(min(nbytes, len(data)))
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)
+
+
+def m4a(path: PathLike, seconds: float = 0.5, sr: int = 44100, channels: int = 2, codec: str = "aac") -> Path:
+    """A tone as AAC (or ALAC) in .m4a, made like FFmpeg's tool makes it."""
+    return encode_av(path, tone(int(seconds * sr), sr, channels), sr, codec, "mp4")
+
+
+def cut_m4a(path: PathLike) -> Path:
+    """An .m4a whose download stopped half way (its index, written last, is gone)."""
+    whole = m4a(Path(path).with_name("whole_" + Path(path).name))
+    cut_in_the_middle(whole, path)
+    whole.unlink()
+    return Path(path)
+
+
+def zeroed_m4a(path: PathLike) -> Path:
+    whole = m4a(Path(path).with_name("whole_" + Path(path).name))
+    zeroed_header(whole, path)
+    whole.unlink()
+    return Path(path)

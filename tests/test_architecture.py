@@ -21,7 +21,8 @@ ROOT = "dsu_audiosep"
 # import it and its own lazy import is not counted.
 BASE = {f"{ROOT}.errors", f"{ROOT}.devices", f"{ROOT}.options", f"{ROOT}.process_memory", ROOT}
 RANKS = {"base": 0, "model": 1, "engine": 2, "worker": 3, "entry": 4}
-AUDIO_IO = {f"{ROOT}.engine.{m}" for m in ("audio_read", "audio_memory", "resampling", "output_options", "audio_write", "partials")}
+AUDIO_IO = {f"{ROOT}.engine.{m}" for m in ("audio_read", "audio_memory", "audio_decode_av", "audio_encode_av", "resampling",
+                                           "output_options", "audio_write", "partials")}
 
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80

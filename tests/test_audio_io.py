@@ -600,7 +600,8 @@ def test_output_format_from_extension():
     assert output_options.output_format_for("y.ogg") == "OGG"
     assert output_options.output_format_for("y.aiff") == "AIFF"
     assert output_options.output_format_for("y.aif") == "AIFF"
-    expect_error(E.INVALID_FIELD, output_options.output_format_for, "y.mp3", match=".mp3")
+    assert [output_options.output_format_for(f"y.{e}") for e in ("mp3", "OPUS", "m4a")] == ["MP3", "OPUS", "M4A"]
+    expect_error(E.INVALID_FIELD, output_options.output_format_for, "y.wma", match=".wma")
     expect_error(E.INVALID_FIELD, output_options.output_format_for, "noext", match="no extension")
 
 
@@ -886,7 +887,7 @@ def test_output_folder_missing(tmp_path):
 def test_output_is_a_folder_or_bad_extension(tmp_path):
     (tmp_path / "d.wav").mkdir()
     expect_error(E.OUTPUT_ERROR, audio_write.AtomicWriter, tmp_path / "d.wav", 44100, 2, match="folder")
-    expect_error(E.INVALID_FIELD, audio_write.AtomicWriter, tmp_path / "o.mp3", 44100, 2)
+    expect_error(E.INVALID_FIELD, audio_write.AtomicWriter, tmp_path / "o.wma", 44100, 2)
     (tmp_path / "file").write_bytes(b"x")
     expect_error(E.OUTPUT_ERROR, audio_write.AtomicWriter, tmp_path / "file" / "o.wav", 44100, 2)
 

@@ -156,3 +156,33 @@ def test_folder_run_with_example_audio_queries(model_files, tmp_path):
     refused = subprocess.run(cli("separate", str(tmp_path / "in"), "--out-dir", str(out), "--query-audio", str(kick),
                                  "--query-start", "0.1", *model_flags(demo)), capture_output=True, text=True, timeout=900)
     assert refused.returncode == 2 and "--query-start" in refused.stderr
+
+
+def test_folders_find_the_new_formats_and_extensions_narrows_them(demo, tmp_path):
+    """Folders are searched for .m4a, .webm, video and the other formats PyAV reads; ``--extensions``
+    keeps only the ones named (a file named outright is still taken)."""
+    import bad_inputs as bad
+
+    pytest.importorskip("av")
+    x = np.random.default_rng(1).standard_normal((8000, 2)).astype(np.float32) * 0.1
+    write(tmp_path / "in" / "a.wav", seconds=0.2)
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    bad.encode_av(tmp_path / "in" / "b.m4a", x, 44100, "aac", "mp4")
+    bad.encode_av(tmp_path / "in" / "sub" / "c.webm", x, 48000, "libopus", "webm")
+    (tmp_path / "in" / "notes.txt").write_text("not audio")
+    everything, _ = expand_inputs([str(tmp_path / "in")])
+    assert sorted(Path(f.path).name for f in everything) == ["a.wav", "b.m4a", "c.webm"]
+    from dsu_audiosep.folder.plan import parse_extensions
+
+    narrowed, _ = expand_inputs([str(tmp_path / "in")], extensions=parse_extensions(" WAV,.webm"))
+    assert sorted(Path(f.path).name for f in narrowed) == ["a.wav", "c.webm"]
+    out = tmp_path / "out"
+    proc = subprocess.run(cli("separate", str(tmp_path / "in"), "--out-dir", str(out), "--text", "x", "--extensions",
+                              "m4a,webm", *model_flags(demo)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["written"] == 2
+    assert sorted(p.name for p in out.rglob("*.wav")) == ["b_x.wav", "c_x.wav"]
+    assert sf.info(str(out / "b_x.wav")).duration == pytest.approx(8000 / 44100, abs=1e-3)
+    refused = subprocess.run(cli("separate", str(tmp_path / "in"), "--out-dir", str(out), "--text", "x",
+                                 "--extensions", ",", *model_flags(demo)), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--extensions" in refused.stderr

@@ -88,6 +88,8 @@ def test_bundle_layout(frozen_exe: Path):
     # Eager torch code imports these lazily (torch._check, torch._disable_dynamo).
     for name in ("sympy", "mpmath", "torch/_dynamo", "torch/_inductor"):
         assert (lib / name).is_dir(), f"{name} is missing"
+    # PyAV with FFmpeg's libraries (issue 24): AAC, WebM, WMA, AC-3, video soundtracks in; MP3, Opus, M4A out.
+    assert (lib / "av").is_dir() and any((lib / "av.libs").glob("libavcodec*")), "PyAV or its FFmpeg libraries are missing"
     torch_bin = lib / "torch" / "bin"
     if torch_bin.is_dir():  # Linux/macOS wheels; Windows wheels keep DLLs in torch/lib
         assert sorted(p.name.split(".")[0] for p in torch_bin.iterdir()) == ["torch_shm_manager"]
@@ -102,6 +104,40 @@ def test_ray_is_refused_with_the_extra_named(frozen_exe: Path, tmp_path: Path):
     assert out.returncode == 1, out
     assert 'pip install "dsu-audiosep[ray]"' in out.stderr and "invalid_field" in out.stderr, out.stderr
     assert out.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_new_formats_over_pipes_without_ffmpeg_on_path(frozen_exe: Path, model_files, tmp_path: Path):
+    """.m4a (AAC), WebM (Opus), a video's soundtrack and ALAC in; .mp3, .opus, .m4a out: the bundle's
+    own FFmpeg libraries only (PATH holds an empty folder, so no ffmpeg program can be found)."""
+    import bad_inputs as bad
+    from dsu_audiosep.engine import audio_read
+
+    sr = 48000
+    x = bad.tone(sr, sr, 2)
+    inputs = {"aac.m4a": ("aac", "mp4", {}), "opus.webm": ("libopus", "webm", {}),
+              "video.mp4": ("aac", "mp4", {"video": True}), "alac.m4a": ("alac", "mp4", {"sample_format": "s16p"})}
+    for name, (codec, fmt, kw) in inputs.items():
+        bad.encode_av(tmp_path / name, x, sr, codec, fmt, **kw)
+    (tmp_path / "empty").mkdir()
+    w = WorkerClient([str(frozen_exe), "--worker"], env=clean_env(PATH=str(tmp_path / "empty")), cwd=tmp_path)
+    try:
+        w.wait_ready(TIMEOUT)
+        loaded = w.request({"cmd": "load_model", "checkpoint_path": str(model_files["checkpoint_path"]),
+                            "roberta_dir": str(model_files["roberta_dir"])}, 600)
+        assert loaded["status"] == "model_loaded", loaded
+        for src, out in [("aac.m4a", "a.mp3"), ("opus.webm", "b.opus"), ("video.mp4", "c.m4a"), ("alac.m4a", "d.wav")]:
+            reply = w.request({"cmd": "separate", "input": str(tmp_path / src), "output": str(tmp_path / out),
+                               "text": "a tone", "output_sr": "input"}, 600)
+            assert reply["status"] == "done", reply
+            assert abs(audio_read.probe(tmp_path / out).duration - 1.0) <= 0.001, out
+        cut = bad.cut_in_the_middle(tmp_path / "aac.m4a", tmp_path / "cut.m4a")
+        reply = w.request({"cmd": "separate", "input": str(cut), "output": str(tmp_path / "e.mp3")}, 600)
+        assert reply["status"] == "error" and reply["code"] == "invalid_audio", reply
+        assert not (tmp_path / "e.mp3").exists()
+        w.assert_all_json()
+        assert "Traceback" not in w.stderr_text()
+    finally:
+        w.kill()
 
 
 # -- start-up ------------------------------------------------------------------------------------

@@ -643,7 +643,8 @@ class FakeOptions:
     chunk_seconds: float = 30.0
     chunk_length: object = None
     output_sr: object = 44100
-    output_subtype: str = "PCM_16"
+    output_subtype: object = None  # not given: the container's own (PCM_16 for PCM files)
+    output_bitrate: object = "auto"
     output_channels: str = "stereo"
     mode: str = "extract"
     residual_output: object = None

@@ -245,6 +245,12 @@ AUDIO_CASES = {
     "192_khz": (lambda d: bad.wav(d / "192k.wav", 0.5, 192000, channels=2, subtype="PCM_24"), ("done", 96000, 192000)),
     "pcm_u8": (lambda d: bad.wav(d / "u8.wav", 0.5, 22050, subtype="PCM_U8"), ("done", 11025, 22050)),
     "float32": (lambda d: bad.wav(d / "f32.wav", 0.5, 44100, channels=2, subtype="FLOAT"), ("done", 22050, 44100)),
+    # containers FFmpeg reads (PyAV), sound and damaged
+    "aac_m4a": (lambda d: bad.m4a(d / "song.m4a", 0.5, 44100), ("done", 22050, 44100)),
+    "cut_m4a": (lambda d: bad.cut_m4a(d / "cut.m4a"), ("error", "invalid_audio", ["cut.m4a"])),
+    "zeroed_header_m4a": (lambda d: bad.zeroed_m4a(d / "zeroed.m4a"), ("error", "invalid_audio", ["zeroed.m4a"])),
+    "random_bytes_m4a": (lambda d: bad.random_bytes(d / "noise.m4a"), ("error", "invalid_audio", ["noise.m4a"])),
+    "silent_video": (lambda d: bad.silent_video(d / "silent.mp4"), ("error", "invalid_audio", ["silent.mp4", "no audio"])),
 }
 
 
@@ -424,7 +430,7 @@ def test_existing_output_is_replaced_whole(worker, tmp_path):
     check_output(out, expected_frames(MODEL_SR, MODEL_SR))
 
 
-@pytest.mark.parametrize("name", ["o.xyz", "o", "o.mp3", "o.wav.txt"])
+@pytest.mark.parametrize("name", ["o.xyz", "o", "o.wma", "o.wav.txt"])
 def test_unknown_output_extension(worker, short_input, tmp_path, name):
     expect_error(worker, separate_cmd(short_input, tmp_path / name), "invalid_field", name)
     assert list(tmp_path.iterdir()) == []

@@ -28,13 +28,13 @@ FIELDS = [
     "checkpoint_path", "config_path", "clap_checkpoint_path", "roberta_dir", "model_dir", "device", "mmap",
     "use_torch_stft", "auto_stft_seconds", "chunk_seconds", "chunk_length", "context_seconds", "precision", "trust_checkpoint",
     "input", "output", "text", "use_chunk", "output_sr", "output_subtype", "output_channels", "mode",
-    "residual_output", "target", "progress", "id",
+    "residual_output", "target", "progress", "id", "output_bitrate",
     "query_audio", "query_start", "query_end", "query_weight", "query_embedding", "load_audio_branch",
 ]
 # Values a client might plausibly send for those fields, plus junk of every JSON type.
 PLAUSIBLE = st.sampled_from(
     [True, False, "auto", "AUTO", "input", "cpu", "cuda", "mps", "cuda:9", "fp32", "bf16", "fp64", "PCM_16", "FLOAT",
-     "MP3", "stereo", "extract", "remove", "", " ", ".", "..", "/", "/nonexistent/x.ckpt", "config/audiosep_base.yaml",
+     "MP3", "192k", 512, "stereo", "in.m4a", "out.mp3", "out.opus", "out.m4a", "extract", "remove", "", " ", ".", "..", "/", "/nonexistent/x.ckpt", "config/audiosep_base.yaml",
      "README.md", 0, -1, 1, 44100, 1e300, -0.0, 0.5, "60", "\u0000", "\ud800", "é", "\n", None]
 )
 JSON_VALUES = st.recursive(
@@ -61,8 +61,14 @@ TRACKED = "<tracked-id>"
 # Files in the fuzz worker's working directory (relative paths fall back to it), so that
 # near-valid commands get past validation into the loader's own checks.
 FUZZ_FILES = {"garbage.ckpt": b"not a checkpoint" * 64, "empty.ckpt": b"", "text.txt": b"hello",
-              "trunc.ckpt": b"PK\x03\x04" + b"\x00" * 100, "notaudio.wav": b"RIFF\x00\x00"}
-PATHS = st.sampled_from(sorted(FUZZ_FILES) + ["adir", "nope.ckpt", "missing_dir/x.wav", "out.wav"])
+              "trunc.ckpt": b"PK\x03\x04" + b"\x00" * 100, "notaudio.wav": b"RIFF\x00\x00",
+              # damaged containers that go to FFmpeg (PyAV): an MP4 box header with nothing after it,
+              # a Matroska signature cut short, random bytes under audio and video names
+              "cut.m4a": b"\x00\x00\x00\x20ftypM4A \x00\x00\x02\x00M4A isomiso2\x00\x00\x00\x08free\x00\x00",
+              "cut.webm": b"\x1aE\xdf\xa3\x9fB\x86\x81\x01B\xf7\x81\x01B\xf2\x81\x04",
+              "random.m4a": bytes(range(256)) * 16, "random.mkv": bytes(reversed(range(256))) * 16}
+PATHS = st.sampled_from(sorted(FUZZ_FILES) + ["adir", "nope.ckpt", "missing_dir/x.wav", "out.wav", "out.mp3",
+                                              "out.m4a", "out.opus"])
 
 
 @st.composite

@@ -241,6 +241,29 @@ def _jobs(value: Any, lenient: bool) -> Any:
 
 JOBS = Kind("a non-empty list of separate jobs (objects)", _jobs, "")
 QUERIES = Kind('a non-empty list of objects {"text" | "query_audio" | "query_embedding", "output", "mode"?}', _queries, "")
+BITRATE_RANGE = (6, 512)  # kbit/s: Opus' lowest to AAC's highest useful; each codec's own limit in output_options.py
+
+
+def _bitrate(value: Any, lenient: bool) -> Any:
+    """"auto" (each format's default), or kbit/s as a whole number, also written "192k"."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        text = text[:-1] if text.endswith("k") else text
+        if not text.isdigit():
+            return None
+        value = int(text)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not BITRATE_RANGE[0] <= value <= BITRATE_RANGE[1]:
+        return None
+    return value
+
+
+BITRATE = Kind(f'"auto" or kbit/s from {BITRATE_RANGE[0]} to {BITRATE_RANGE[1]} (e.g. 192)', _bitrate, "KBPS|auto")
 SAMPLE_RATE = Kind(f"a sample rate in Hz from {OUTPUT_SR_RANGE[0]} to {OUTPUT_SR_RANGE[1]} (e.g. 44100) or \"input\"",
                    _sample_rate(*OUTPUT_SR_RANGE), "HZ|input")
 
@@ -377,7 +400,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("context_seconds", SECONDS_OR_ZERO, 0.64, "context on each side of a chunk (3.52 is exact)", (SEPARATE,)),
     Setting("output_sr", SAMPLE_RATE, 44100, "output rate in Hz, or input", (SEPARATE,)),
     Setting("output_subtype", choice(*OUTPUT_SUBTYPES, aliases=SUBTYPE_ALIASES, fold=str.upper), "PCM_16",
-            "sample format of the output", (SEPARATE,)),
+            "sample format of a .wav/.flac/.aiff output (an error with .mp3/.opus/.m4a)", (SEPARATE,)),
+    Setting("output_bitrate", BITRATE, "auto", "bitrate of a .mp3/.opus/.m4a output (auto: 192, 128, 192 kbit/s)",
+            (SEPARATE,)),
     Setting("output_channels", choice("stereo", "input"), "stereo", "stereo, or the input's channels", (SEPARATE,)),
     Setting("mode", choice("extract", "remove"), "extract", "extract the sound, or remove it from the mix", (SEPARATE,)),
     Setting("residual_output", PATH, None, "also write the rest of the mixture here (with queries: minus every extracted sound)",

@@ -263,7 +263,7 @@ class _Run:
         engine = TorchEngine()  # probes the inputs; torch is never imported by the driver
         P.parse_object({"cmd": "separate", "input": "-", "output": "-.wav", **self.fields})
         load_args = P.parse_object({k: v for k, v in self.load.items() if v is not None}).args
-        inputs, missing = expand_inputs(ns.inputs, exclude_dir=ns.out_dir)
+        inputs, missing = expand_inputs(ns.inputs, exclude_dir=ns.out_dir, extensions=getattr(ns, "extensions", None))
         self.jobs = plan_run(inputs, missing, self.queries, ns.out_dir, ns.name_template, ns.skip_existing,
                              probe=engine.probe)
         model = _model_fields(load_args, self.load) if any(j.outputs and j.error is None for j in self.jobs) else {}

@@ -3,7 +3,9 @@
 Everything here works on float32 arrays shaped ``[channels, frames]``.
 
 Anything libsndfile (through ``soundfile``) decodes is read: WAV (8/16/24/32-bit integer, 32/64-bit
-float), FLAC, OGG/Vorbis, AIFF, MP3 and the rest, at any rate and channel count. Failures a user
+float), FLAC, OGG/Vorbis, AIFF, MP3 and the rest, at any rate and channel count. What libsndfile
+does not recognise goes to FFmpeg through PyAV (audio_decode_av.py: AAC, ALAC, WebM, WMA, AC-3,
+video soundtracks), streamed through the same ``BlockReader``. Failures a user
 can cause become ``AudioSepError`` with a stable code: ``FILE_NOT_FOUND`` (missing path or broken
 link), ``PERMISSION_DENIED`` (cannot be opened for reading), ``INVALID_AUDIO`` (a folder, a
 device or pipe, not audio, damaged, truncated, or without samples).
@@ -29,12 +31,15 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
 import numpy as np
 import soundfile as sf
 
 from dsu_audiosep.errors import FILE_NOT_FOUND, INVALID_AUDIO, PERMISSION_DENIED, AudioSepError
+
+if TYPE_CHECKING:
+    from .audio_decode_av import AvSource
 
 __all__ = ["AudioInfo", "probe", "read_audio", "BlockReader", "sanitize", "describe_error", "report", "BLOCK", "PathLike"]
 
@@ -53,8 +58,8 @@ class AudioInfo:
     samplerate: int
     channels: int
     duration: float  # seconds
-    format: str      # libsndfile major format, e.g. "WAV", "FLAC"
-    subtype: str     # e.g. "PCM_16", "FLOAT", "VORBIS"
+    format: str      # libsndfile major format, e.g. "WAV", "FLAC"; FFmpeg's container, e.g. "MOV", "MATROSKA"
+    subtype: str     # e.g. "PCM_16", "FLOAT", "VORBIS"; FFmpeg's codec, e.g. "AAC", "ALAC"
 
 
 def sanitize(x: np.ndarray) -> int:
@@ -160,14 +165,24 @@ def _count_frames(f: sf.SoundFile, p: str) -> int:
     return total
 
 
-def _open_input(p: str) -> tuple[sf.SoundFile, int]:
-    """Open and validate; returns the file and its frame count (counted when not announced)."""
+def _open_input(p: str, warnings: list[str] | None = None) -> tuple["sf.SoundFile | AvSource", int]:
+    """Open and validate; returns the file and its frame count (counted when not announced).
+    libsndfile first (exact for WAV, FLAC, AIFF, Ogg, MP3); what it does not recognise goes to
+    FFmpeg through PyAV (audio_decode_av.py), imported only then."""
     try:
         f = sf.SoundFile(p)
     except sf.LibsndfileError as e:
         why = describe_error(e)
-        if "does not exist" in why or "not a regular file" in why:  # libsndfile's text for any unknown format
-            why = "format not recognised"
+        lowered = why.lower()
+        # libsndfile's texts for a format it does not know: FFmpeg may
+        if "does not exist" in lowered or "not a regular file" in lowered or "not recognised" in lowered:
+            from .audio_decode_av import open_av
+
+            src = open_av(p, warnings)
+            if src.frames <= 0:
+                src.close()
+                raise AudioSepError(INVALID_AUDIO, f"'{p}' contains no samples") from None
+            return src, src.frames
         raise AudioSepError(
             INVALID_AUDIO,
             f"'{p}' is not a readable audio file ({why}); it may not be audio, or it may be "
@@ -200,7 +215,7 @@ def _open_input(p: str) -> tuple[sf.SoundFile, int]:
     return f, frames
 
 
-def _info_of(f: sf.SoundFile, frames: int) -> AudioInfo:
+def _info_of(f: "sf.SoundFile | AvSource", frames: int) -> AudioInfo:
     return AudioInfo(
         frames=frames,
         samplerate=int(f.samplerate),
@@ -217,8 +232,10 @@ def probe(path: PathLike) -> AudioInfo:
     unreadable, not audio, truncated WAV/AIFF, no samples)."""
     p = _check_input_path(path)
     f, frames = _open_input(p)
-    with f:
+    try:
         return _info_of(f, frames)
+    finally:
+        f.close()
 
 
 class BlockReader:
@@ -236,8 +253,8 @@ class BlockReader:
         self.path = _check_input_path(path)
         self.blocksize = int(blocksize)
         self._warnings = warnings
-        self._f: sf.SoundFile | None
-        self._f, frames = _open_input(self.path)
+        self._f: sf.SoundFile | AvSource | None
+        self._f, frames = _open_input(self.path, warnings)
         self.info = _info_of(self._f, frames)
         self.samplerate = self.info.samplerate
         self.channels = self.info.channels

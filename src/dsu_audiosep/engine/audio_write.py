@@ -1,6 +1,9 @@
 """Writing audio files atomically: ``AtomicWriter``, ``prepare_output``, ``write_audio``, partial-file cleanup.
 
-Clipping: PCM and Vorbis outputs are hard-clipped to [-1, 1] before libsndfile sees them, so
+Encoders: libsndfile for WAV/RF64, FLAC, Ogg Vorbis and AIFF; PyAV for MP3, Opus and M4A/AAC
+(audio_encode_av.py, imported only for those), behind the same open/write/commit/abort.
+
+Clipping: PCM, Vorbis and the lossy outputs are hard-clipped to [-1, 1] before libsndfile sees them, so
 full scale is [-1, 1) in practice (libsndfile scales by 2^(bits-1) and saturates +1.0 to the
 largest positive code, 32767 for 16 bits; clipping ourselves makes the count, and the absence
 of wrap-around, independent of its version). Clipped samples are counted, logged and reported
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
+from dsu_audiosep.options import BY_NAME
 from dsu_audiosep.errors import (
     CANCELLED,
     DISK_FULL,
@@ -42,11 +46,14 @@ from dsu_audiosep.errors import (
 from . import partials
 from .audio_read import BLOCK, PathLike, describe_error, report, sanitize
 from .output_options import (
+    LOSSY_SUBTYPES,
     OutputOptions,
     check_format_limits,
     container_subtype,
+    encoder_samplerate,
     map_channels,
     output_format_for,
+    resolved_kbps,
 )
 from .resampling import resample
 
@@ -193,10 +200,12 @@ class AtomicWriter:
         expected_frames: int | None = None,
         fsync: bool = True,
         warnings: list[str] | None = None,
+        bitrate: int | str = "auto",
     ):
         self.path, self.folder = _check_output_target(path)
         self.format = output_format_for(self.path)
-        if not (self.format == "OGG" and subtype == "VORBIS"):  # an OutputPlan's resolved Ogg subtype
+        resolved = {"OGG": "VORBIS", **LOSSY_SUBTYPES}.get(self.format)
+        if subtype != resolved:  # not an OutputPlan's resolved subtype of a lossy container
             subtype = OutputOptions(samplerate=int(samplerate), subtype=subtype).validate().subtype
         self.subtype = container_subtype(self.format, subtype, self.path)
         if int(channels) <= 0:
@@ -204,6 +213,10 @@ class AtomicWriter:
         self.samplerate = int(samplerate)
         self.channels = int(channels)
         check_format_limits(self.format, self.samplerate, self.channels, self.path)
+        # Lossy outputs (PyAV): the rate the codec codes and the bitrate (output_options.py).
+        self.file_samplerate = encoder_samplerate(self.format, self.samplerate)
+        self.kbps = resolved_kbps(self.format, BY_NAME["output_bitrate"].from_python(bitrate), self.path) \
+            if self.format in LOSSY_SUBTYPES else None
         if self.format == "WAV" and expected_frames is not None:
             bytes_per_sample = {"PCM_16": 2, "PCM_24": 3, "FLOAT": 4}[self.subtype]
             if int(expected_frames) * self.channels * bytes_per_sample > _WAV_LIMIT:
@@ -249,12 +262,19 @@ class AtomicWriter:
             self.abort()
             raise AudioSepError(CANCELLED, "the worker is shutting down")
         try:
-            self._sf = sf.SoundFile(
-                tmp, "w", samplerate=self.samplerate, channels=self.channels,
-                subtype=self.subtype, format=self.format,
-            )
+            self._sf = self._open_file(tmp)
         except BaseException as e:
             self.abort()
+            if isinstance(e, ValueError) and self.kbps is not None:  # the encoder refused the settings
+                raise AudioSepError(
+                    INVALID_FIELD,
+                    f"cannot write '{self.path}' as {self.subtype} at {self.kbps} kbit/s, {self.channels} "
+                    f"channels at {self.file_samplerate} Hz ({e})",
+                ) from None
+            if isinstance(e, ImportError):
+                raise AudioSepError(
+                    INVALID_FIELD, f"cannot write '{self.path}': {self.subtype} outputs need PyAV, which is not installed"
+                ) from None
             if isinstance(e, sf.LibsndfileError) and e.code != _SFE_SYSTEM:
                 raise AudioSepError(
                     INVALID_FIELD,
@@ -265,6 +285,15 @@ class AtomicWriter:
                 raise _write_error(e, self.path, self.folder) from None
             raise
         return self
+
+    def _open_file(self, tmp: str):
+        """libsndfile for PCM, FLAC and Vorbis; PyAV's encoders for MP3, Opus and AAC."""
+        if self.kbps is None:
+            return sf.SoundFile(tmp, "w", samplerate=self.samplerate, channels=self.channels,
+                                subtype=self.subtype, format=self.format)
+        from .audio_encode_av import AvSink
+
+        return AvSink(tmp, self.format, self.samplerate, self.file_samplerate, self.channels, self.kbps)
 
     def write(self, block: np.ndarray) -> None:
         if self._aborted:
@@ -327,6 +356,9 @@ class AtomicWriter:
             report(f"'{self.path}': wrote {self.stats.nonfinite} non-finite samples (NaN/Inf) as 0", self._warnings, log)
         if self.stats.clipped:
             report(f"'{self.path}': clipped {self.stats.clipped} samples beyond full scale", self._warnings, log)
+        if self.file_samplerate != self.samplerate:
+            report(f"'{self.path}': {self.subtype} does not code {self.samplerate} Hz; written at "
+                   f"{self.file_samplerate} Hz", self._warnings, log)
         return self.stats
 
     def abort(self) -> None:
@@ -345,7 +377,8 @@ class AtomicWriter:
         sfobj, self._sf = self._sf, None
         if sfobj is not None:
             try:
-                sfobj.close()
+                # an encoder is dropped without flushing: its file is deleted anyway
+                getattr(sfobj, "discard", sfobj.close)()
             except Exception:
                 pass
 
@@ -385,11 +418,12 @@ class OutputPlan:
     samplerate: int
     channels: int
     channel_mode: str
+    bitrate: int | str = "auto"  # kbit/s of a lossy output
 
     def writer(self, *, expected_frames: int | None = None, warnings: list[str] | None = None) -> AtomicWriter:
         return AtomicWriter(
             self.path, self.samplerate, self.channels, self.subtype,
-            expected_frames=expected_frames, warnings=warnings,
+            expected_frames=expected_frames, warnings=warnings, bitrate=self.bitrate,
         )
 
 
@@ -400,12 +434,13 @@ def prepare_output(
     libsndfile accepts this format/rate/channel count (by opening and discarding a trial file).
     Does not check that ``path`` differs from the input: use ``same_file`` for that."""
     options.validate()
+    options.check_for(output_format_for(path), os.fsdecode(os.fspath(path)))
     sr = options.resolved_samplerate(input_samplerate)
     ch = options.resolved_channels(input_channels)
-    trial = AtomicWriter(path, sr, ch, options.subtype, fsync=False)
+    trial = AtomicWriter(path, sr, ch, options.subtype, fsync=False, bitrate=options.bitrate)
     trial.open()
     trial.abort()
-    return OutputPlan(trial.path, trial.format, trial.subtype, sr, ch, options.channels)
+    return OutputPlan(trial.path, trial.format, trial.subtype, sr, ch, options.channels, options.bitrate)
 
 
 def write_audio(
@@ -424,6 +459,7 @@ def write_audio(
     ``length`` forces the output frame count (e.g. exactly the input's length after a round trip).
     """
     opts = (options or OutputOptions()).validate()
+    opts.check_for(output_format_for(path), os.fsdecode(os.fspath(path)))
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None, :]
@@ -434,7 +470,8 @@ def write_audio(
         y = resample(map_channels(x, opts.channels), sr, out_sr, length=length)
     else:
         y = map_channels(resample(x, sr, out_sr, length=length), opts.channels)
-    with AtomicWriter(path, out_sr, y.shape[0], opts.subtype, expected_frames=y.shape[1], warnings=warnings) as w:
+    with AtomicWriter(path, out_sr, y.shape[0], opts.subtype, expected_frames=y.shape[1], warnings=warnings,
+                      bitrate=opts.bitrate) as w:
         for start in range(0, y.shape[1], BLOCK * 4):
             w.write(y[:, start : start + BLOCK * 4])
     return w.stats

@@ -78,7 +78,9 @@ class SeparateOptions:
     chunk_length: float | None = None  # kept centre of each chunk, seconds; None: per-device default
     context_seconds: float = _default("context_seconds")  # context fed on each side of a chunk
     output_sr: int | str = _default("output_sr")
-    output_subtype: str = _default("output_subtype")
+    # None: not chosen, the container's own (PCM_16 for PCM files); a lossy output refuses a given one
+    output_subtype: str | None = None
+    output_bitrate: int | str = _default("output_bitrate")
     output_channels: str = _default("output_channels")
     mode: str = _default("mode")  # "extract" | "remove"
     residual_output: str | None = None
@@ -236,6 +238,7 @@ def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
         "context_seconds": requested.context_seconds,
         "output_sr": requested.output_sr,
         "output_subtype": requested.output_subtype,
+        "output_bitrate": requested.output_bitrate,
         "output_channels": requested.output_channels,
         "mode": requested.mode,
         "residual_output": os.path.expanduser(requested.residual_output) if requested.residual_output else None,

@@ -359,7 +359,7 @@ def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = No
         plan = dataclasses.replace(plan, info=probe(input_path))
     info = plan.info
     _check_files_distinct(input_path, targets)
-    out_opts = OutputOptions(opt.output_sr, opt.output_subtype, opt.output_channels)
+    out_opts = OutputOptions.for_job(opt.output_sr, opt.output_subtype, opt.output_channels, opt.output_bitrate)
     plans = [prepare_output(t, out_opts, info.samplerate, info.channels) for t in targets]
     return run_job(model, plan, file_source(input_path), plans, progress, cancelled)
 

@@ -129,8 +129,22 @@ def add_folder_arguments(parser: Any) -> None:
                             help=f"{setting.help.split(':')[0]}; repeat for several (one output each)")
     parser.add_argument("--name-template", default=DEFAULT_TEMPLATE,
                         help=f"output name from {{stem}}, {{query}}, {{ext}} (default {DEFAULT_TEMPLATE})")
+    parser.add_argument("--extensions", type=_extensions, default=None, metavar="EXT,...",
+                        help="only these extensions when searching folders, e.g. wav,flac (default: every audio "
+                        "and video extension read)")
     parser.add_argument("--skip-existing", action="store_true", help="leave outputs that exist alone (resume a run)")
     parser.add_argument("--manifest", help="append one JSON line per finished output to this file")
+
+
+def _extensions(text: str) -> frozenset[str]:
+    import argparse
+
+    from .plan import parse_extensions
+
+    try:
+        return parse_extensions(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def take_queries(ns: Any) -> list[FolderQuery]:
@@ -163,7 +177,7 @@ def folder_main(ns: Any, queries: list[FolderQuery], load: dict[str, Any], job: 
         # the shared fields checked once, as the worker checks them, before any model is loaded
         P.parse_object({"cmd": "separate", "input": "-", "output": "-.wav", **fields})
         load_args = P.parse_object({k: v for k, v in load.items() if v is not None}).args
-        inputs, missing = expand_inputs(ns.inputs, exclude_dir=ns.out_dir)
+        inputs, missing = expand_inputs(ns.inputs, exclude_dir=ns.out_dir, extensions=getattr(ns, "extensions", None))
         jobs = plan_run(inputs, missing, queries, ns.out_dir, ns.name_template, ns.skip_existing, probe=engine.probe)
         manifest = Manifest(ns.manifest)
         model = load_plan = None

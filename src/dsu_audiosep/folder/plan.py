@@ -24,8 +24,12 @@ from ..engine.queries import output_key
 from ..errors import DUPLICATE_OUTPUT, FILE_NOT_FOUND, INVALID_FIELD, OUTPUT_ERROR, AudioSepError
 
 # Inputs found in folders (an explicitly named file is taken whatever its extension).
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus", ".m4a"})
-# Output containers (engine/output_options.py); another input extension is written as .wav.
+# libsndfile's, then what PyAV decodes (engine/audio_decode_av.py), video soundtracks included.
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus", ".m4a",
+                              ".aac", ".mp4", ".mov", ".mkv", ".mka", ".webm", ".avi", ".wma", ".ac3", ".eac3", ".caf"})
+# Output containers (engine/output_options.py) an input's {ext} keeps; another input extension is
+# written as .wav. The lossy .mp3/.opus/.m4a are left out on purpose: a folder run should not
+# re-encode a lossy file lossily unless the template asks for it (e.g. "{stem}_{query}.mp3").
 OUTPUT_EXTENSIONS = frozenset({"wav", "flac", "ogg", "oga", "aiff", "aif"})
 DEFAULT_TEMPLATE = "{stem}_{query}.{ext}"
 MAX_QUERY_NAME = 60
@@ -98,10 +102,22 @@ def safe_query_name(text: str) -> str:
     return name or "query"
 
 
-def expand_inputs(args: Sequence[str], exclude_dir: str | None = None) -> tuple[list[InputFile], list[str]]:
+def parse_extensions(text: str) -> frozenset[str]:
+    """``--extensions wav,flac`` -> {".wav", ".flac"} (case and leading dots ignored)."""
+    exts = frozenset("." + e.strip().lower().lstrip(".") for e in str(text).split(",") if e.strip().lstrip("."))
+    if not exts:
+        raise ValueError(f"--extensions {text!r}: give extensions separated by commas, e.g. wav,flac")
+    return exts
+
+
+def expand_inputs(args: Sequence[str], exclude_dir: str | None = None,
+                  extensions: frozenset[str] | None = None) -> tuple[list[InputFile], list[str]]:
     """(input files in order, arguments that matched nothing). Folders are searched recursively
-    for audio extensions, skipping ``exclude_dir`` (the output folder may sit inside an input
-    folder: its results must not become inputs); globs may use ``**``."""
+    for audio extensions (``extensions`` when given, e.g. from ``--extensions wav,flac``, else
+    AUDIO_EXTENSIONS), skipping ``exclude_dir`` (the output folder may sit inside an input
+    folder: its results must not become inputs); globs may use ``**``. A file named outright is
+    taken whatever its extension."""
+    wanted = AUDIO_EXTENSIONS if extensions is None else extensions
     found: list[InputFile] = []
     missing: list[str] = []
     seen: set[str] = set()
@@ -118,7 +134,7 @@ def expand_inputs(args: Sequence[str], exclude_dir: str | None = None) -> tuple[
             for root, dirs, files in os.walk(arg):
                 dirs.sort()
                 for name in sorted(files):
-                    if Path(name).suffix.lower() in AUDIO_EXTENSIONS and not name.startswith("."):
+                    if Path(name).suffix.lower() in wanted and not name.startswith("."):
                         add(os.path.join(root, name), os.path.relpath(root, arg) if root != arg else "")
         elif os.path.isfile(arg):
             add(arg)
