@@ -45,6 +45,7 @@ reports=$(mktemp -d)
 # Every temporary file of the run (pytest's folders, test models, worker caches) goes under one
 # folder that is removed when the run ends, passed or failed.
 run_tmp=$(mktemp -d "${TMPDIR:-/tmp}/dsu-audiosep-test.XXXXXX")
+chmod 1777 "$run_tmp"  # like /tmp: the permission tests act as an unprivileged user inside it
 trap 'rm -rf "$reports" "$run_tmp"' EXIT
 export TMPDIR="$run_tmp"
 failed_steps=()

@@ -46,6 +46,10 @@ def test_text_pages_go_back_and_come_back_unchanged(converted):
     assert torch.equal(first, again)
 
 
+# A measurement of glibc's allocator (two fresh processes, their peaks compared), not a check of
+# our logic: it depends on the C library and kernel, so it is kept out of the quick suite
+# (pytest -m slow runs it) and its figure belongs to BENCHMARKS.md.
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tune_allocator tunes glibc's malloc (mallopt); other C libraries are left alone")
 def test_tuned_allocator_lowers_the_peak_of_a_separation(converted):
     """The same forward passes in two fresh processes, glibc's default allocator vs tune_allocator:
