@@ -13,9 +13,10 @@ shape (a folder of files of many lengths makes dozens) and saved nothing measura
 compile from the IR takes 0.3-0.5 s, from the blob 0.3-0.5 s (BENCHMARKS.md).
 
 Shapes are static. One compile with a dynamic time dimension would spare the compile of each new
-window length, but measured against static shapes in one process it ran 5-29% slower per window
-(1.3 to 10.88 s windows) and peaked about 300 MB higher at 10.88 s (BENCHMARKS.md, 2026-12-04): a
-new length's 0.3-0.7 s compile costs less than that on every clip but the shortest. Instead,
+window length, but measured against static shapes in one process it ran 5-43% slower per window
+(1.3 to 10.88 s windows) and peaked about 300 MB higher at 10.88 s (BENCHMARKS.md, 2026-12-04): on
+a stereo clip that penalty is about one compile (0.2-1.3 s against 0.4-0.7 s), and every chunked
+file or repeated length would pay it with nothing saved. Instead,
 ``prepare`` compiles the first window of a default chunked job at load, in the background.
 
 OpenVINO is imported here only, when a model is first put on this backend: the worker's first line

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 CPU_CHUNK_LENGTH = 9.6
 CUDA_MAX_CHUNK = 30.72  # longer windows are no faster on an H100 and delay the first write
 CUDA_MIN_CHUNK = 2.56
-ACTIVATION_BYTES_PER_SECOND = 105e6  # measured peak of one mono second through the U-Net, float32 on CPU
-FREE_RAM_SHARE = 0.5  # of the RAM free at planning time, what one job's windows may take on top of the budget's check
+# Besides the budget, a job's windows may take at most this share of the RAM free when it starts
+# (a budget larger than the machine's free memory must not end in an out-of-memory failure).
+FREE_RAM_SHARE = 0.5
 # Measured on an H100 (torch.cuda.max_memory_allocated, cuDNN workspaces included), per mono
 # second, by precision (tf32 computes in float32 storage).
 CUDA_BYTES_PER_SECOND = {"fp32": 130e6, "tf32": 130e6, "bf16": 50e6, "fp16": 50e6}
@@ -277,6 +278,7 @@ def plan_job(input_path: str, output_path: str, text: str, options: SeparateOpti
     )
     chunk_length = options.chunk_length or default_chunk_length(device, precision)
     warnings: list[str] = []
+    # CUDA: the GPU's free memory decides here; elsewhere the memory budget does, in fit_memory
     if _is_cuda(device) and not chunked and info is not None and duration > full_pass_limit_seconds(device, min(info.channels, 2), precision):
         log.warning("%.0f s is too long for one pass on %s: separating in exact chunks instead", duration, device)
         warnings.append("file too long for a single pass in memory; separated in chunks (same output within float rounding)")
@@ -357,15 +359,12 @@ def default_chunk_length(device: str, precision: str = "fp32") -> float:
 
 
 def full_pass_limit_seconds(device: str, channels: int, precision: str = "fp32") -> float:
-    """Longest file separated as one window; above it the engine chunks (same output within float
-    noise, see chunking.py) rather than exhausting memory."""
+    """Longest file separated as one window on a CUDA device (60% of its free memory); above it the
+    engine chunks (same output within the parity bound, see chunking.py) rather than exhausting
+    memory. Other devices: ``fit_memory`` and the memory budget decide."""
     if _is_cuda(device):
         return _cuda_free_bytes(device) * 0.6 / (max(1, channels) * _cuda_bytes_per_second(precision))
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # Windows: no sysconf
-        avail = 8 << 30
-    return max(30.0, avail * 0.5 / ACTIVATION_BYTES_PER_SECOND)  # CPU: one channel at a time
+    return _free_ram_window_s("auto", 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,8 +380,8 @@ def cpu_budget(device: str, given: float | None) -> float | None:
 
 
 def _free_ram_window_s(backend: str, channels_per_pass: int) -> float:
-    """The longest window that a share of the RAM free now could hold (a budget larger than the
-    machine's memory must not turn into an out-of-memory failure)."""
+    """The longest window that FREE_RAM_SHARE of the RAM free now could hold (at least 30 s, as
+    before the budget: a momentary shortage must not shrink windows to nothing)."""
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # Windows: no sysconf
