@@ -63,6 +63,16 @@ def test_a_job_budget_overrides_the_load_and_bounds_auto_chunking():
     assert default.chunk_length == resolve.CPU_CHUNK_LENGTH and not default.warnings
 
 
+def test_budget_precedence_job_over_load_over_worker_setting():
+    worker = Settings(memory_budget=1500.0, sources={"memory_budget": "env"})
+    load = resolve.plan_load(P.LoadModelArgs(device="cpu"), worker, lambda n: n)
+    job = resolve.plan_requested_job(P.SeparateArgs(input="a", output="b"), load, lambda p: info(5.0))
+    assert load.memory_budget == 1500 and job.memory_budget == 1500
+    load = resolve.plan_load(P.LoadModelArgs(device="cpu", memory_budget=1700), worker, lambda n: n)
+    job = resolve.plan_requested_job(P.SeparateArgs(input="a", output="b", memory_budget=1900), load, lambda p: info(5.0))
+    assert load.memory_budget == 1700 and job.memory_budget == 1900
+
+
 def test_chunk_length_over_the_budget_is_shortened_with_a_warning():
     p = plan(60.0, use_chunk=True, chunk_length=30.0, memory_budget=1500)
     assert p.chunk_length < 30.0 and memory.peak_mib("openvino", window_seconds(p)) <= 1500
