@@ -17,7 +17,7 @@ window length, but measured against static shapes in one process it ran 5-43% sl
 (1.3 to 10.88 s windows) and peaked about 300 MB higher at 10.88 s (BENCHMARKS.md, 2026-12-04): on
 a stereo clip that penalty is about one compile (0.2-1.3 s against 0.4-0.7 s), and every chunked
 file or repeated length would pay it with nothing saved. Instead,
-``prepare`` compiles the first window of a default chunked job at load, in the background.
+``prepare`` compiles at load, in the background, the first window of a file over the memory budget.
 
 OpenVINO is imported here only, when a model is first put on this backend: the worker's first line
 and ``ready`` never wait for it.

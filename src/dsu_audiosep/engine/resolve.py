@@ -156,15 +156,17 @@ class LoadPlan:
     backend: str = "auto"  # as asked; the backend in use is the model's (engine/backends.py)
     memory_budget: float | None = None  # MiB as given (job > load > flag/env/policy); None: per device
 
-    def first_window_seconds(self, backend: str, context_seconds: float = _default("context_seconds")) -> float:
-        """The first window of a default chunked job of this load on ``backend`` (what a backend
-        that compiles per shape prepares at load): the per-device kept centre, shortened to fit the
-        budget, plus context on its right (the file's start is its left edge; chunking.py)."""
-        core = self.chunk_length or default_chunk_length(self.device, self.precision)
+    def first_window_seconds(self, backend: str) -> float | None:
+        """The first window of a file too long for one pass under this load's budget on ``backend``
+        (``use_chunk: false``, the default and the parent app's: fit_memory's windows with
+        memory.PARITY_CONTEXT_S of context): what a backend that compiles per shape prepares at
+        load. None where no budget applies (CUDA)."""
         budget = cpu_budget(self.device, self.memory_budget)
-        if budget is not None:
-            core = min(core, memory.core_for_window(memory.longest_window_s(budget, backend), context_seconds))
-        return memory.window_s(core, context_seconds) - memory.window_s(0, context_seconds) / 2
+        if budget is None:
+            return None
+        context = memory.PARITY_CONTEXT_S
+        core = memory.core_for_window(memory.longest_window_s(budget, backend), context)
+        return memory.window_s(core, context) - memory.window_s(0, context) / 2  # no context on its left
 
     @property
     def stft_mode(self) -> str:

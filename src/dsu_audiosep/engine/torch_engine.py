@@ -76,10 +76,11 @@ class TorchEngine:
         from .backends import prepare_window, use_backend
         from .chunking import seconds_to_samples
 
-        if use_backend(model, plan.backend) != "torch":
-            # The first window of a default chunked job compiles while the worker answers model_loaded and waits
-            # for the first job (0.3-0.5 s that job would otherwise pay).
-            prepare_window(model, seconds_to_samples(plan.first_window_seconds(model.backend)))
+        first = plan.first_window_seconds(model.backend) if use_backend(model, plan.backend) != "torch" else None
+        if first is not None:
+            # The first window of a file over the memory budget compiles while the worker answers
+            # model_loaded and waits for a job (0.3-0.5 s that job would otherwise pay first).
+            prepare_window(model, seconds_to_samples(first))
         return model
 
     def backend_status(self, model: Any) -> dict[str, Any]:
