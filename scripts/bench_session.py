@@ -103,12 +103,13 @@ def session(w: Worker, load: dict, work: Path, budget: float | None) -> tuple[li
     return times, compiles, statistics.median(warm)
 
 
-def first_job(argv: list[str], load: dict, work: Path) -> tuple[float, int]:
-    """A 30 s use_chunk false job (windows under the default budget) sent right after model_loaded:
-    (elapsed, shapes compiled by the job itself)."""
+def first_job(argv: list[str], load: dict, work: Path, pause: float = 0.0) -> tuple[float, int]:
+    """A 30 s use_chunk false job (windows under the default budget) sent ``pause`` seconds after
+    model_loaded (0: at once; a user's click comes later): (elapsed, shapes compiled by the job itself)."""
     w = Worker(argv)
     try:
         w.call(load)
+        time.sleep(pause)
         r = w.call({"cmd": "separate", "input": write_input(work / "in_30.0.wav", 30.0), "output": str(work / "o.wav"),
                     "text": "vocals", "use_chunk": False})
         status = w.call({"cmd": "get_status"})
@@ -135,6 +136,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dsu-audiosep-bench-session"))
     ap.add_argument("--repeat", type=int, default=2, help="rounds of before/after")
     ap.add_argument("--long-seconds", type=float, default=60.0)
+    ap.add_argument("--first-pause", type=float, default=0.0, help="seconds between model_loaded and the first job")
+    ap.add_argument("--only-first", action="store_true", help="only the first-job row")
     args = ap.parse_args()
     after_argv = shlex.split(args.worker) if args.worker else ([str(FROZEN), "--worker"] if FROZEN.exists()
                                                                 else [sys.executable, "-m", "dsu_audiosep", "--worker"])
@@ -156,14 +159,19 @@ def main() -> int:
         order = list(sides) if rnd % 2 == 0 else list(reversed(sides))
         for side in order:
             argv, budget = sides[side]
+            r = res[side]
+            if args.only_first:
+                elapsed, jobs_compiles = first_job(argv, load, work, args.first_pause)
+                r["first"].append(elapsed), r["first_compiles"].append(jobs_compiles)
+                print(f"round {rnd} {side}: first job {elapsed:.2f} s, {jobs_compiles} shapes compiled by it", flush=True)
+                continue
             w = Worker(argv)
             try:
                 times, compiles, warm = session(w, load, work, budget)
             finally:
                 w.close()
-            r = res[side]
             r["clips"].append(times), r["compiles"].append(compiles), r["warm"].append(warm)
-            elapsed, jobs_compiles = first_job(argv, load, work)
+            elapsed, jobs_compiles = first_job(argv, load, work, args.first_pause)
             r["first"].append(elapsed), r["first_compiles"].append(jobs_compiles)
             elapsed, rss, chunked = long_full_pass(argv, load, work, args.long_seconds, budget)
             r["long"].append(elapsed), r["long_rss"].append(rss), r["long_chunked"].append(chunked)
@@ -171,6 +179,13 @@ def main() -> int:
                   f"first chunked job {res[side]['first'][-1]:.2f} s ({jobs_compiles} compiled by it); "
                   f"{args.long_seconds:g} s use_chunk false {elapsed:.2f} s, peak {rss:.0f} MiB, chunked {chunked}", flush=True)
     med = statistics.median
+    if args.only_first:
+        b, a = med(res["before"]["first"]), med(res["after"]["first"])
+        pairs = [x / y for x, y in zip(res["after"]["first"], res["before"]["first"])]
+        print(f"| first job {args.first_pause:g} s after load, 30 s use_chunk false | {b:.2f} | {a:.2f} | {a / b:.2f} "
+              f"(per pair {', '.join(f'{p:.2f}' for p in pairs)}) | compiled by the job: before "
+              f"{res['before']['first_compiles']}, after {res['after']['first_compiles']} |")
+        return 0
     print("\n| measurement | before | after | after / before |\n|---|---|---|---|")
     for name, key, fmt in (("8-clip session, sum of elapsed (s)", "clips", "{:.2f}"), ("warm 4 s stereo (s)", "warm", "{:.2f}"),
                            ("first job after load, 30 s use_chunk false, default budget (s)", "first", "{:.2f}"),
