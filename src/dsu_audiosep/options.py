@@ -220,6 +220,7 @@ def choice(*names: str, aliases: dict[str, str] | None = None, fold: Callable[[s
 BOOL = Kind("true or false", _bool, "true|false")
 BOOL_OR_AUTO = Kind('true, false or "auto"', _bool_or_auto, "true|false|auto")
 SECONDS = Kind("a positive finite number of seconds", _seconds, "S")
+MEBIBYTES = Kind("a positive finite number of MiB (e.g. 2048)", _seconds, "MIB")  # same check: positive, finite
 SECONDS_OR_ZERO = Kind("a non-negative finite number of seconds", _seconds_or_zero, "S")
 COUNT = Kind("a whole number >= 0", _count, "N")
 PATH = Kind("a path string (not empty, no NUL, no lone surrogates)", _path, "PATH")
@@ -374,6 +375,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("chunk_seconds", SECONDS, 30.0, "duration from which use_chunk auto chunks", (LOAD, SEPARATE), worker=True, seed=True),
     Setting("chunk_length", SECONDS, None, "kept centre of each chunk, seconds", (LOAD, SEPARATE),
             per_device="30.72 s on CUDA (less when GPU memory is short), 9.6 s elsewhere"),
+    Setting("memory_budget", MEBIBYTES, None, "peak memory of the worker, MiB: full passes and windows are sized to "
+            "fit it (a full pass that would not is windowed, with a warning)", (LOAD, SEPARATE), worker=True,
+            per_device="2048 MiB on CPU; on CUDA the free GPU memory decides, as without it (engine/memory.py)"),
     Setting("precision", choice(*PRECISIONS), "fp32", "fp32 (exact), tf32 (CUDA matrix units), bf16 or fp16",
             (LOAD,), worker=True, per_device="fp32; on GPUs with TF32 (Ampere and newer) the measured CUDA default "
             "(engine/resolve.py; fp32 until its GPU run)"),

@@ -75,3 +75,16 @@ def page_out(tensors: Iterable) -> int:
         if last > first and madvise(first, last - first, MADV_PAGEOUT) == 0:
             advised += last - first
     return advised
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident set (Linux VmHWM), MiB; None where /proc is not there. What the
+    memory budget bounds (get_status reports it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

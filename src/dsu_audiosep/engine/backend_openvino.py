@@ -12,6 +12,13 @@ Compiled shapes are not cached on disk: OpenVINO's ``CACHE_DIR`` writes a 100 MB
 shape (a folder of files of many lengths makes dozens) and saved nothing measurable here: a
 compile from the IR takes 0.3-0.5 s, from the blob 0.3-0.5 s (BENCHMARKS.md).
 
+Shapes are static. One compile with a dynamic time dimension would spare the compile of each new
+window length, but measured against static shapes in one process it ran 5-43% slower per window
+(1.3 to 10.88 s windows) and peaked about 300 MB higher at 10.88 s (BENCHMARKS.md, 2026-12-04): on
+a stereo clip that penalty is about one compile (0.2-1.3 s against 0.4-0.7 s), and every chunked
+file or repeated length would pay it with nothing saved. Instead,
+``prepare`` compiles at load, in the background, the first window of a file over the memory budget.
+
 OpenVINO is imported here only, when a model is first put on this backend: the worker's first line
 and ``ready`` never wait for it.
 """
@@ -162,6 +169,8 @@ class OpenVinoBody:
         self.core.read_model(str(self.ir_path))  # fail here, at load, on an unreadable IR
         self.compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # shape -> (compiled, request)
         self._lock = threading.Lock()
+        self.compiles = 0  # shapes compiled so far, at load (prepare) or on a job's first window of a shape
+        self.prepared = 0  # of those, compiled by prepare() in the background
         from ..process_memory import page_out
 
         page_out(ss_model.state_dict().values())  # hashed and exported: not needed again unless torch runs
@@ -170,18 +179,41 @@ class OpenVinoBody:
         """The model compiled for one input shape and its inference request (whose buffers are
         reused from window to window); compiled once and kept until another shape comes."""
         with self._lock:
-            entry = self.compiled.get(shape)
-            if entry is None:
-                while len(self.compiled) >= MAX_COMPILED_SHAPES:
-                    self.compiled.popitem(last=False)  # free its plan before the next one is made
-                if not self.ir_path.exists():  # pruned by another process since this load
-                    export_body(self.ss_model, self.ir_path)
-                model = self.core.read_model(str(self.ir_path))
-                model.reshape({"x": list(shape), "condition": [1, CONDITION_SIZE]})
-                compiled = self.core.compile_model(model, "CPU")
-                entry = self.compiled[shape] = (compiled, compiled.create_infer_request())
-            self.compiled.move_to_end(shape)
-            return entry
+            return self._entry(shape)
+
+    def _entry(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        """compiled_for with the lock held."""
+        entry = self.compiled.get(shape)
+        if entry is None:
+            while len(self.compiled) >= MAX_COMPILED_SHAPES:
+                self.compiled.popitem(last=False)  # free its plan before the next one is made
+            if not self.ir_path.exists():  # pruned by another process since this load
+                export_body(self.ss_model, self.ir_path)
+            model = self.core.read_model(str(self.ir_path))
+            model.reshape({"x": list(shape), "condition": [1, CONDITION_SIZE]})
+            compiled = self.core.compile_model(model, "CPU")
+            entry = self.compiled[shape] = (compiled, compiled.create_infer_request())
+            self.compiles += 1
+        self.compiled.move_to_end(shape)
+        return entry
+
+    def prepare(self, shape: tuple[int, ...]) -> threading.Thread:
+        """Compile ``shape`` in a background thread (at load: the default window's shape, so that the
+        first job does not wait 0.3-0.5 s for it). A job that arrives meanwhile waits for the lock,
+        i.e. for the compile in progress; a failure here is only logged (the job compiles again)."""
+        def run() -> None:
+            try:
+                with self._lock:  # one acquisition: a job's shape compiled meanwhile is never evicted here
+                    if self.compiled:
+                        return  # a job came first and compiled what it needs: leave its shape in place
+                    self._entry(shape)
+                    self.prepared += 1
+            except Exception as exc:
+                log.warning("OpenVINO: compiling the %s window shape at load failed (%r); jobs compile it", shape, exc)
+
+        thread = threading.Thread(target=run, name="dsu-openvino-prepare", daemon=True)
+        thread.start()
+        return thread
 
     def __call__(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         compiled, request = self.compiled_for(tuple(x.shape))

@@ -137,6 +137,35 @@ def attach(model: Any, name: str, warn: Callable[[str], None],
     return name
 
 
+def body_shape(window_samples: int) -> tuple[int, int, int, int]:
+    """The body's input shape for one mono window of ``window_samples`` at 32 kHz: the centred
+    STFT's frames, padded to the pooling grid (ResUNet30Base.mask_input), 1024 bins."""
+    from ..model.constants import HOP, TIME_DOWNSAMPLE
+
+    frames = window_samples // HOP + 1
+    return (1, 1, -(-frames // TIME_DOWNSAMPLE) * TIME_DOWNSAMPLE, 1024)
+
+
+def prepare_window(model: Any, window_samples: int) -> bool:
+    """Have the model's backend compile the shape of a window in the background (a backend that
+    compiles per shape; torch needs nothing); whether a compile was started."""
+    guarded = getattr(model.ss_model, "body_runner", None)
+    prepare = getattr(getattr(guarded, "runner", None), "prepare", None)
+    if prepare is None:
+        return False
+    prepare(body_shape(window_samples))
+    return True
+
+
+def compile_counts(model: Any) -> dict[str, int]:
+    """How many shapes the backend compiled (``compiles``) and how many of those at load
+    (``prepared``); empty on torch. Reported by get_status."""
+    runner = getattr(getattr(model.ss_model, "body_runner", None), "runner", None)
+    if runner is None or not hasattr(runner, "compiles"):
+        return {}
+    return {"compiles": int(runner.compiles), "prepared": int(getattr(runner, "prepared", 0))}
+
+
 def use_backend(model: Any, requested: str, cpu: CpuInfo | None = None,
                 installed: Callable[[str], bool] | None = None,
                 warn: Callable[[str], None] | None = None, build: Callable[[str, Any], Any] = make_runner) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from .. import options
 from ..errors import AudioSepError
+from . import memory
 from .queries import Stem
 from .query import Query
 
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 CPU_CHUNK_LENGTH = 9.6
 CUDA_MAX_CHUNK = 30.72  # longer windows are no faster on an H100 and delay the first write
 CUDA_MIN_CHUNK = 2.56
-ACTIVATION_BYTES_PER_SECOND = 105e6  # measured peak of one mono second through the U-Net, float32 on CPU
+# Besides the budget, a job's windows may take at most this share of the RAM free when it starts
+# (a budget larger than the machine's free memory must not end in an out-of-memory failure).
+FREE_RAM_SHARE = 0.5
 # Measured on an H100 (torch.cuda.max_memory_allocated, cuDNN workspaces included), per mono
 # second, by precision (tf32 computes in float32 storage).
 CUDA_BYTES_PER_SECOND = {"fp32": 130e6, "tf32": 130e6, "bf16": 50e6, "fp16": 50e6}
@@ -84,6 +87,7 @@ class SeparateOptions:
     output_channels: str = _default("output_channels")
     mode: str = _default("mode")  # "extract" | "remove"
     residual_output: str | None = None
+    memory_budget: float | None = None  # MiB; None: the per-device default (memory.py)
 
     def validate(self) -> "SeparateOptions":
         """For Python callers (the API's way in): each given value checked and made canonical by
@@ -105,6 +109,7 @@ class WorkerDefaults(Protocol):
     use_torch_stft: bool | str
     auto_stft_seconds: float
     chunk_seconds: float
+    memory_budget: float | None
     sources: Mapping[str, str]
 
 
@@ -151,6 +156,19 @@ class LoadPlan:
     chunk_length: float | None
     load_audio_branch: bool = False  # read the CLAP audio branch at load, not on the first audio query
     backend: str = "auto"  # as asked; the backend in use is the model's (engine/backends.py)
+    memory_budget: float | None = None  # MiB as given (job > load > flag/env/policy); None: per device
+
+    def first_window_seconds(self, backend: str) -> float | None:
+        """The first window of a file too long for one pass under this load's budget on ``backend``
+        (``use_chunk: false``, the default and the parent app's: fit_memory's windows with
+        memory.PARITY_CONTEXT_S of context): what a backend that compiles per shape prepares at
+        load. None where no budget applies (CUDA)."""
+        budget = cpu_budget(self.device, self.memory_budget)
+        if budget is None:
+            return None
+        context = memory.PARITY_CONTEXT_S
+        core = memory.core_for_window(memory.longest_window_s(budget, backend), context)
+        return memory.window_s(core, context) - memory.window_s(0, context) / 2  # no context on its left
 
     @property
     def stft_mode(self) -> str:
@@ -193,6 +211,7 @@ def plan_load(requested: Any, defaults: WorkerDefaults, resolve_device: Callable
         chunk_length=requested.chunk_length,
         load_audio_branch=bool(_given(getattr(requested, "load_audio_branch", None),
                                       getattr(defaults, "load_audio_branch", False))),
+        memory_budget=_given(getattr(requested, "memory_budget", None), getattr(defaults, "memory_budget", None)),
     )
 
 
@@ -219,6 +238,7 @@ class JobPlan:
     # for a plain one-query job, whose residual is "the other output" (the rest, or under
     # "remove" the removed sound); with queries it is the mixture minus every extracted sound.
     queries: tuple[Stem, ...] = ()
+    memory_budget: float | None = None  # MiB the job's windows must fit (None: CUDA, free GPU memory decides)
 
     @property
     def the_query(self) -> Query:
@@ -242,6 +262,7 @@ def job_options(requested: Any, load: LoadPlan) -> SeparateOptions:
         "output_channels": requested.output_channels,
         "mode": requested.mode,
         "residual_output": os.path.expanduser(requested.residual_output) if requested.residual_output else None,
+        "memory_budget": _given(getattr(requested, "memory_budget", None), load.memory_budget),
     }
     # the protocol checked every field on the way in: nothing to validate again
     return SeparateOptions(**{k: v for k, v in wanted.items() if v is not None})
@@ -262,13 +283,16 @@ def plan_job(input_path: str, output_path: str, text: str, options: SeparateOpti
     )
     chunk_length = options.chunk_length or default_chunk_length(device, precision)
     warnings: list[str] = []
-    if not chunked and info is not None and duration > full_pass_limit_seconds(device, min(info.channels, 2), precision):
+    # CUDA: the GPU's free memory decides here; elsewhere the memory budget does, in fit_memory
+    if _is_cuda(device) and not chunked and info is not None and duration > full_pass_limit_seconds(device, min(info.channels, 2), precision):
         log.warning("%.0f s is too long for one pass on %s: separating in exact chunks instead", duration, device)
         warnings.append("file too long for a single pass in memory; separated in chunks (same output within float rounding)")
         chunked = True
+        options = dataclasses.replace(options, context_seconds=max(options.context_seconds, memory.PARITY_CONTEXT_S))
     return JobPlan(input_path=input_path, output_path=output_path, text=text, options=options, info=info,
                    use_torch_stft_mode=mode, use_torch_stft=stft, chunked=chunked, chunk_length=chunk_length,
-                   warnings=tuple(warnings), query=query, queries=tuple(queries))
+                   warnings=tuple(warnings), query=query, queries=tuple(queries),
+                   memory_budget=cpu_budget(device, options.memory_budget))
 
 
 def requested_query(fields: Any) -> Query:
@@ -340,12 +364,76 @@ def default_chunk_length(device: str, precision: str = "fp32") -> float:
 
 
 def full_pass_limit_seconds(device: str, channels: int, precision: str = "fp32") -> float:
-    """Longest file separated as one window; above it the engine chunks (same output within float
-    noise, see chunking.py) rather than exhausting memory."""
+    """Longest file separated as one window on a CUDA device (60% of its free memory); above it the
+    engine chunks (same output within the parity bound, see chunking.py) rather than exhausting
+    memory. Other devices: ``fit_memory`` and the memory budget decide."""
     if _is_cuda(device):
         return _cuda_free_bytes(device) * 0.6 / (max(1, channels) * _cuda_bytes_per_second(precision))
+    return _free_ram_window_s("auto", 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The memory budget (memory.py): decided once the backend in use is known, at the start of a run
+
+
+def cpu_budget(device: str, given: float | None) -> float | None:
+    """The budget a job on ``device`` runs under, MiB: the one given, else DEFAULT_CPU_BUDGET_MIB;
+    None on CUDA, where the GPU's free memory decides (default_chunk_length, full_pass_limit_seconds)."""
+    if _is_cuda(device):
+        return None
+    return float(given) if given is not None else memory.DEFAULT_CPU_BUDGET_MIB
+
+
+def _free_ram_window_s(backend: str, channels_per_pass: int) -> float:
+    """The longest window that FREE_RAM_SHARE of the RAM free now could hold (at least 30 s, as
+    before the budget: a momentary shortage must not shrink windows to nothing)."""
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # Windows: no sysconf
         avail = 8 << 30
-    return max(30.0, avail * 0.5 / ACTIVATION_BYTES_PER_SECOND)  # CPU: one channel at a time
+    per_second = memory.cost(backend).mib_per_second * max(1, channels_per_pass) * 2**20
+    return max(30.0, avail * FREE_RAM_SHARE / per_second)
+
+
+def _fitted_core(longest: float, context: float, budget: float, backend: str, cpp: int, warnings: list[str]) -> float:
+    """The kept centre of the longest window that fits; the smallest window (with a warning) when
+    even that does not fit the budget."""
+    core = memory.core_for_window(longest, context)
+    need = memory.peak_mib(backend, memory.window_s(core, context), cpp)
+    if need > budget:
+        warnings.append(f"memory_budget {budget:.0f} MiB is below the {need:.0f} MiB that the smallest window "
+                        f"({memory.window_s(core, context):.2f} s) needs on {backend}; separated with the smallest windows")
+    return core
+
+
+def fit_memory(plan: JobPlan, backend: str, channels_per_pass: int = 1) -> JobPlan:
+    """The plan with its windows fitted to its memory budget on ``backend`` (the model's; the
+    channels of one forward pass: 1 on CPU). A full pass that would not fit becomes windows with
+    memory.PARITY_CONTEXT_S of context (its output within memory.PARITY_ERROR of the full pass's
+    peak), said in ``warnings``; chunked windows are shortened, with a warning when the
+    chunk_length was the caller's."""
+    budget, info, opts = plan.memory_budget, plan.info, plan.options
+    if budget is None or info is None:
+        return plan
+    cpp = max(1, channels_per_pass)
+    longest = min(memory.longest_window_s(budget, backend, cpp), _free_ram_window_s(backend, cpp))
+    warnings = list(plan.warnings)
+    if not plan.chunked:
+        if info.duration <= longest:
+            return plan
+        context = max(opts.context_seconds, memory.PARITY_CONTEXT_S)
+        core = _fitted_core(longest, context, budget, backend, cpp, warnings)
+        need = memory.peak_mib(backend, info.duration, cpp)
+        log.warning("a full pass of %.1f s needs about %.0f MiB, over the %.0f MiB budget: windows instead", info.duration, need, budget)
+        warnings.append(f"use_chunk false: a full pass of {info.duration:.1f} s would need about {need:.0f} MiB, over "
+                        f"memory_budget {budget:.0f} MiB; separated in {memory.window_s(core, context):.2f} s windows with "
+                        f"{context:.2f} s of context (the full pass's output within {memory.PARITY_ERROR:g} of its peak)")
+        return dataclasses.replace(plan, chunked=True, chunk_length=core, warnings=tuple(warnings),
+                                   options=dataclasses.replace(opts, context_seconds=context))
+    if memory.window_s(plan.chunk_length, opts.context_seconds) <= longest:
+        return plan
+    core = _fitted_core(longest, opts.context_seconds, budget, backend, cpp, warnings)
+    if opts.chunk_length is not None:  # the caller's length, not the default: say why it changed
+        warnings.append(f"chunk_length {opts.chunk_length:g} s does not fit memory_budget {budget:.0f} MiB; "
+                        f"separated with {core:.2f} s chunks")
+    return dataclasses.replace(plan, chunk_length=min(core, plan.chunk_length), warnings=tuple(warnings))

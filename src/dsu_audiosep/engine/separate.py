@@ -37,7 +37,8 @@ from .output_options import OutputOptions, map_channels, output_channel_count
 from .queries import Stem, check_distinct_outputs
 from .resampling import StreamResampler, resampled_length
 from .query import Query, query_embedding
-from .resolve import JobPlan, SeparateOptions, plan_job
+from . import memory
+from .resolve import JobPlan, SeparateOptions, fit_memory, plan_job
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,9 @@ def separate_file(model, input_path: str, output_path: str, text: str | None, op
 def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = None,
              cancelled: Callable[[], bool] | None = None) -> SeparationResult:
     """Run a planned job (see engine/resolve.py) on ``model``, whose STFT the caller has set."""
+    backend = getattr(model, "backend", "torch")
+    per_pass = 1 if model.device.type == "cpu" else max(1, plan.info.channels if plan.info is not None else 2)
+    plan = fit_memory(plan, backend, per_pass)  # the windows the memory budget allows on this backend
     input_path, opt, queries = plan.input_path, plan.options, plan.all_queries
     targets = [q.output for q in queries] + ([opt.residual_output] if opt.residual_output else [])
     check_distinct_outputs(input_path, targets)
@@ -376,7 +380,8 @@ def run_job(model, plan: JobPlan, source: Source, outputs: list, progress: Calla
     duration = info.frames / info.samplerate
     chunked, chunk_len = plan.chunked, plan.chunk_length
     window_s = min(duration, chunk_len + 2 * opt.context_seconds) if chunked else duration
-    if window_s >= RELEASE_TEXT_PAGES_S and hasattr(model, "release_text_pages"):
+    if ((window_s >= RELEASE_TEXT_PAGES_S or memory.needs_page_out(plan.memory_budget, backend, window_s, per_pass))
+            and hasattr(model, "release_text_pages")):
         # The activations of a long window would sit on top of the idle text encoder: hand its
         # memory-mapped pages back first (a later new query reads them again, ~0.1-0.4 s).
         model.release_text_pages()

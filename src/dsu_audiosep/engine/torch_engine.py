@@ -73,10 +73,21 @@ class TorchEngine:
     def load_model(self, paths: ModelPaths, plan: LoadPlan, trust_checkpoint: bool) -> Any:
         """The model, its body on the backend the plan asks for (``model.backend`` says which ran)."""
         model = self._load_torch_model(paths, plan, trust_checkpoint)
-        from .backends import use_backend
+        from .backends import prepare_window, use_backend
+        from .chunking import seconds_to_samples
 
-        use_backend(model, plan.backend)
+        first = plan.first_window_seconds(model.backend) if use_backend(model, plan.backend) != "torch" else None
+        if first is not None:
+            # The first window of a file over the memory budget compiles while the worker answers
+            # model_loaded and waits for a job (0.3-0.5 s that job would otherwise pay first).
+            prepare_window(model, seconds_to_samples(first))
         return model
+
+    def backend_status(self, model: Any) -> dict[str, Any]:
+        """What get_status reports about the model's backend: its compile counts (engine/backends.py)."""
+        from .backends import compile_counts
+
+        return compile_counts(model)
 
     def _load_torch_model(self, paths: ModelPaths, plan: LoadPlan, trust_checkpoint: bool) -> Any:
         from ..model.checkpoints import load_model, read_config

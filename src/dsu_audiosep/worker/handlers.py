@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import PROTOCOL_VERSION, __version__, errors
-from ..engine.resolve import LoadPlan, stft_mode
+from ..engine.resolve import LoadPlan, cpu_budget, stft_mode
 from ..engine.torch_engine import ModelPaths
 from ..errors import AudioSepError
+from ..process_memory import peak_rss_mib
 from . import protocol as P
 from .batch import batch
 from .cache import CacheEntry, ModelKey, file_fingerprint
@@ -61,7 +62,7 @@ def get_status(w: "Worker", cmd: P.Command) -> dict:
     key = w.current.key if w.current else None
     session = w.session
     mode, value = stft_mode(w.settings.use_torch_stft)
-    return P.reply(
+    reply = P.reply(
         "status",
         cmd.id,
         ready=True,
@@ -83,7 +84,14 @@ def get_status(w: "Worker", cmd: P.Command) -> dict:
         version=__version__,
         protocol=PROTOCOL_VERSION,
         settings_sources=dict(w.settings.sources),
+        # the budget jobs run under now, MiB (null on CUDA, where the GPU's free memory decides)
+        memory_budget=cpu_budget(session.load.device, session.load.memory_budget) if session
+        else cpu_budget(w.device, w.settings.memory_budget),
+        peak_rss_mib=peak_rss_mib(),
     )
+    if w.current is not None and hasattr(w.engine, "backend_status"):
+        reply.update(w.engine.backend_status(w.current.model))  # compiles, prepared: OpenVINO's shapes
+    return reply
 
 
 def _describe_models(w: "Worker") -> list[dict]:
