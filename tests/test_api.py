@@ -180,6 +180,22 @@ class _ShortOfMemory:
         return self._model.separate(wav, cond)
 
 
+def test_the_memory_budget_bounds_an_array_as_it_bounds_a_file(sep):
+    """use_chunk False over a small budget: windows with the parity context, the full pass's output."""
+    x = _signal(6.0, 32000)
+    small = Separator.from_model(sep.model, use_chunk=False, memory_budget=1000)
+    ample = Separator.from_model(sep.model, use_chunk=False, memory_budget=100000)
+    in_windows: list[float] = []
+    whole: list[float] = []
+    y = small.separate(x, 32000, text="vocals", progress=in_windows.append)
+    full = ample.separate(x, 32000, text="vocals", progress=whole.append)
+    assert len(whole) == 1 and len(in_windows) > 1  # one progress report per window
+    _close(y, full, rel=1e-5)
+    with pytest.raises(AudioSepError) as ei:
+        Separator.from_model(sep.model, memory_budget=0)
+    assert ei.value.code == "invalid_field"
+
+
 def test_out_of_memory_retries_read_the_array_again_in_smaller_windows(sep):
     x = _signal(2.4, 44100)
     # the 2.4 s full pass fails; the retry's 1.2 s chunks with 0.32 s of context on each side fit

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 import bad_inputs as bad
 from dsu_audiosep import errors as E

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from worker_client import WorkerClient, WorkerExited, clean_env
+from worker_client import WorkerClient, clean_env
 
 import dsu_audiosep
 

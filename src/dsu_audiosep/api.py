@@ -49,7 +49,8 @@ Cancel = Union[Callable[[], bool], threading.Event]
 
 _PATH_FIELDS = ("config_path", "checkpoint_path", "clap_checkpoint_path", "roberta_dir", "model_dir")
 # Settings of a separation, fixed per Separator (the table's meaning, engine/resolve.py applies them).
-JOB_SETTINGS = ("use_torch_stft", "auto_stft_seconds", "use_chunk", "chunk_seconds", "chunk_length", "context_seconds")
+JOB_SETTINGS = ("use_torch_stft", "auto_stft_seconds", "use_chunk", "chunk_seconds", "chunk_length", "context_seconds",
+                "memory_budget")
 # Settings of the load: the load_model fields besides the files and the device.
 LOAD_SETTINGS = tuple(s.name for s in options.for_command(options.LOAD) if s.name not in _PATH_FIELDS + ("device",))
 _STEM_FIELDS = ("text", "query_audio", "query_start", "query_end", "query_weight", "query_embedding", "mode")
@@ -68,6 +69,7 @@ class _JobSettings:
     chunk_seconds: float
     chunk_length: float | None
     context_seconds: float
+    memory_budget: float | None  # MiB; None: the device's default (engine/memory.py)
 
 
 def _checked_settings(given: Mapping[str, Any], allowed: Sequence[str], who: str) -> dict[str, Any]:
@@ -90,6 +92,7 @@ def _job_settings(settings: Mapping[str, Any], use_torch_stft: bool | str, chunk
         chunk_seconds=settings.get("chunk_seconds", chunk_seconds),
         chunk_length=settings.get("chunk_length", chunk_length),
         context_seconds=settings.get("context_seconds", options.BY_NAME["context_seconds"].default),
+        memory_budget=settings.get("memory_budget"),
     )
 
 
@@ -124,7 +127,8 @@ class Separator:
           **settings: other rows of the options table: mmap, precision, backend, use_torch_stft,
             auto_stft_seconds, load_audio_branch, trust_checkpoint, and the chunking of every
             separation: use_chunk (default "auto": chunked from chunk_seconds, 30 s, on),
-            chunk_seconds, chunk_length, context_seconds.
+            chunk_seconds, chunk_length, context_seconds; memory_budget (MiB: windows are sized to
+            fit it, default 2048 on CPU).
 
         Raises:
           TypeError: a keyword that is not a setting of this class.
@@ -259,7 +263,7 @@ class Separator:
         opts = SeparateOptions(use_chunk=job.use_chunk, chunk_seconds=job.chunk_seconds, chunk_length=job.chunk_length,
                                context_seconds=job.context_seconds, output_sr="input", output_subtype="FLOAT",
                                output_channels="input", mode="extract" if is_stems else first.mode,
-                               residual_output=residual)
+                               residual_output=residual, memory_budget=job.memory_budget)
         plan = plan_job("<memory>", first.output, first.text or "", opts, info, use_torch_stft=job.use_torch_stft,
                         auto_stft_seconds=job.auto_stft_seconds, device=str(self.model.device),
                         precision=getattr(self.model, "precision", "fp32"), query=first.what,

@@ -351,9 +351,6 @@ def separate_file(model, input_path: str, output_path: str, text: str | None, op
 def run_plan(model, plan: JobPlan, progress: Callable[[float], None] | None = None,
              cancelled: Callable[[], bool] | None = None) -> SeparationResult:
     """Run a planned job (see engine/resolve.py) on ``model``, whose STFT the caller has set."""
-    backend = getattr(model, "backend", "torch")
-    per_pass = 1 if model.device.type == "cpu" else max(1, plan.info.channels if plan.info is not None else 2)
-    plan = fit_memory(plan, backend, per_pass)  # the windows the memory budget allows on this backend
     input_path, opt, queries = plan.input_path, plan.options, plan.all_queries
     targets = [q.output for q in queries] + ([opt.residual_output] if opt.residual_output else [])
     check_distinct_outputs(input_path, targets)
@@ -373,6 +370,10 @@ def run_job(model, plan: JobPlan, source: Source, outputs: list, progress: Calla
     """Run a planned job whose outputs are checked: the mixture from ``source`` (a file or memory),
     one output per query then the residual's (OutputPlan, or in-memory sinks with its interface).
     ``plan.info`` describes what ``source`` reads."""
+    # The windows the memory budget allows on this model's backend (files and arrays alike).
+    backend = getattr(model, "backend", "torch")
+    per_pass = 1 if model.device.type == "cpu" else max(1, plan.info.channels)
+    plan = fit_memory(plan, backend, per_pass)
     opt, queries, info = plan.options, plan.all_queries, plan.info
     warnings: list[str] = list(plan.warnings)
     conds = [query_embedding(model, q.what) for q in queries]
