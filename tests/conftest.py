@@ -7,6 +7,7 @@ point elsewhere (a newer copy); a missing folder is a failure, never a skip.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,44 @@ def model_files(tmp_path_factory, fixtures_dir) -> dict[str, Path]:
         "roberta_dir": write_roberta_dir(d / "roberta-base"),
         "config_path": CONFIG,
     }
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory) -> dict[str, str]:
+    """The UNTRAINED demo model (what scripts/demo.sh writes), written once for the session: every
+    module that drives a worker or the CLI with it shares these 628 MB (read only)."""
+    from dsu_audiosep.demo.model_files import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("demo-model"))
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_files, tmp_path_factory) -> dict[str, str]:
+    """The demo model for the worker suites, with a second path to its checkpoint (another cache
+    key at no disk cost) and a file that is not a checkpoint."""
+    folder = tmp_path_factory.mktemp("worker-model")
+    files = dict(demo_files)
+    # A second path to the same bytes: a different cache key at no disk cost.
+    twin = folder / "twin_UNTRAINED.ckpt"
+    try:
+        os.link(files["checkpoint_path"], twin)
+    except OSError:
+        shutil.copyfile(files["checkpoint_path"], twin)
+    files["twin_checkpoint_path"] = str(twin)
+    garbage = folder / "garbage.ckpt"
+    garbage.write_bytes(b"this is not a checkpoint" * 100)
+    files["garbage_checkpoint_path"] = str(garbage)
+    return files
+
+
+@pytest.fixture(scope="session")
+def converted_dir(demo_model, tmp_path_factory) -> str:
+    from dsu_audiosep.model import convert
+
+    out = tmp_path_factory.mktemp("converted") / "audiosep_demo_converted"
+    convert.convert(checkpoint_path=demo_model["checkpoint_path"], roberta_dir=demo_model["roberta_dir"],
+                    out_dir=str(out))
+    return str(out)
 
 
 def _api_model(model_files, backend: str):

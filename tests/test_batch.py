@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_worker import assert_alive, demo_model, load, loaded_worker, write_wav  # noqa: F401  (fixtures)
+from test_worker import assert_alive, load, loaded_worker, write_wav  # noqa: F401  (fixtures)
 from worker_client import WorkerClient, clean_env, worker_argv
 
 POSIX = os.name == "posix"

@@ -11,10 +11,8 @@ import soundfile as sf
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from dsu_audiosep.demo.model_files import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("cli-model"))
+def demo(demo_files):
+    return dict(demo_files)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +25,8 @@ def converted(model_files, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     reply = json.loads(proc.stdout.strip().splitlines()[-1])
     assert reply["status"] == "done" and reply["model_dir"] == str(out)
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # 628 MB: gone with the module, not at the session's end
 
 
 @pytest.mark.numerics

@@ -17,10 +17,8 @@ from dsu_audiosep.folder.plan import expand_inputs, output_name, plan_run, safe_
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from dsu_audiosep.demo.model_files import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("folder-model"))
+def demo(demo_files):
+    return dict(demo_files)
 
 
 def model_flags(demo) -> list[str]:

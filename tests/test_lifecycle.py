@@ -36,9 +36,8 @@ JOB_TIMEOUT = 300.0
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict[str, str]:
-    synth = pytest.importorskip("dsu_audiosep.demo.model_files")
-    return synth.write_demo_model(tmp_path_factory.mktemp("lifecycle-model"))
+def demo(demo_files) -> dict[str, str]:
+    return dict(demo_files)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ value, and the tuned allocator returns freed tensors to the OS. Linux only (madv
 from __future__ import annotations
 
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,8 @@ def converted(model_files, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("conv") / "model"
     convert(checkpoint_path=str(model_files["checkpoint_path"]), roberta_dir=str(model_files["roberta_dir"]), out_dir=str(out))
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # 628 MB: gone with the module, not at the session's end
 
 
 def test_text_pages_go_back_and_come_back_unchanged(converted):

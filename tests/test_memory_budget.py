@@ -20,7 +20,7 @@ from dsu_audiosep.model.constants import GRID, SAMPLE_RATE
 from dsu_audiosep.worker import protocol as P
 from dsu_audiosep.worker.policy import Settings
 
-from test_worker import demo_model, load  # noqa: F401  (the session's demo model files)
+from test_worker import load
 from worker_client import WorkerClient, worker_argv
 
 

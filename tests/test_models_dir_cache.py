@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_worker import converted_dir, demo_model, load, load_cmd  # noqa: F401  (fixtures)
+from test_worker import load, load_cmd
 from worker_client import WorkerClient, clean_env, worker_argv
 
 

@@ -102,10 +102,8 @@ def new_id(tag: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict[str, str]:
-    pytest.importorskip("dsu_audiosep.engine.separate")
-    synth = pytest.importorskip("dsu_audiosep.demo.model_files")
-    return synth.write_demo_model(tmp_path_factory.mktemp("robust-model"))
+def demo(demo_files) -> dict[str, str]:
+    return dict(demo_files)
 
 
 def load_cmd(demo: dict[str, str], **extra) -> dict:

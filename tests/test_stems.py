@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from conftest import assert_same_function
-from test_worker import assert_alive, demo_model, loaded_worker, write_wav  # noqa: F401  (fixtures)
+from test_worker import assert_alive, loaded_worker, write_wav  # noqa: F401  (fixtures)
 from worker_client import WorkerClient, worker_argv
 
 # Two windows per file: chunked like a long file, at a third of the cost of 1 s chunks.

@@ -14,13 +14,6 @@ from conftest import assert_same_function
 from worker_client import WorkerClient, clean_env, worker_argv
 
 
-@pytest.fixture(scope="module")
-def demo_files(tmp_path_factory) -> dict[str, str]:
-    from dsu_audiosep.demo.model_files import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("backend-model"))
-
-
 @pytest.fixture
 def spawn():
     started: list[WorkerClient] = []

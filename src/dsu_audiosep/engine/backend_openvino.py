@@ -46,6 +46,23 @@ KEPT_EXPORTS = 4  # exported models kept in the cache folder (one per model and 
 MAX_COMPILED_SHAPES = 1  # each compiled shape holds its own activation plan (see OpenVinoBody)
 
 
+# Background compiles started by OpenVinoBody.prepare: each holds its model until it ends, so a
+# model evicted meanwhile can only be freed after it (wait_for_background_compiles).
+_PREPARING: set[threading.Thread] = set()
+_PREPARING_LOCK = threading.Lock()
+
+
+def wait_for_background_compiles(timeout: float | None = None) -> None:
+    """Let every background compile end (each takes under a second), so that what they hold can go."""
+    with _PREPARING_LOCK:
+        threads = list(_PREPARING)
+    for thread in threads:
+        thread.join(timeout)
+        if not thread.is_alive():
+            with _PREPARING_LOCK:
+                _PREPARING.discard(thread)
+
+
 def runtime_version() -> str:
     import openvino
 
@@ -211,7 +228,12 @@ class OpenVinoBody:
             except Exception as exc:
                 log.warning("OpenVINO: compiling the %s window shape at load failed (%r); jobs compile it", shape, exc)
 
-        thread = threading.Thread(target=run, name="dsu-openvino-prepare", daemon=True)
+        # Not a daemon: a process that ends while OpenVINO compiles (a one-shot CLI job refused at
+        # once, an exit right after a load) must wait for the compile, since tearing the runtime
+        # down under a running compile aborts the process (SIGABRT) instead of exiting cleanly.
+        thread = threading.Thread(target=run, name="dsu-openvino-prepare", daemon=False)
+        with _PREPARING_LOCK:
+            _PREPARING.add(thread)
         thread.start()
         return thread
 

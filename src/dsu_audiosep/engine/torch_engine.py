@@ -158,6 +158,9 @@ class TorchEngine:
 
     def release_memory(self) -> None:
         """Give freed tensors back: Python cycles first, then the accelerator's caching allocator."""
+        openvino_body = sys.modules.get(f"{__package__}.backend_openvino")  # only if a model ever used it
+        if openvino_body is not None:
+            openvino_body.wait_for_background_compiles(timeout=60)  # they hold their model until done
         gc.collect()
         torch = sys.modules.get("torch")  # never import torch just to clean up
         if torch is None:
