@@ -46,8 +46,19 @@ reports=$(mktemp -d)
 # folder that is removed when the run ends, passed or failed.
 run_tmp=$(mktemp -d "${TMPDIR:-/tmp}/dsu-audiosep-test.XXXXXX")
 chmod 1777 "$run_tmp"  # like /tmp: the permission tests act as an unprivileged user inside it
-trap 'rm -rf "$reports" "$run_tmp"' EXIT
 export TMPDIR="$run_tmp"
+# Its size, sampled every 2 s: pytest removes a passing session's folders at its end, so only a
+# sample taken while a step runs shows the step's peak.
+peak_file="$reports/temporary-peak-mb"
+echo 0 > "$peak_file"
+(
+  while sleep 2; do
+    mb=$(du -sm "$run_tmp" 2>/dev/null | cut -f1) || continue
+    if [[ -n "$mb" ]] && (( mb > $(cat "$peak_file") )); then echo "$mb" > "$peak_file"; fi
+  done
+) &
+sampler=$!
+trap 'kill "$sampler" 2>/dev/null; rm -rf "$reports" "$run_tmp"' EXIT
 failed_steps=()
 WORKER_SUITES=(tests/test_worker.py tests/test_robustness.py tests/test_lifecycle.py tests/test_worker_audio_query.py
                tests/test_stems.py tests/test_batch.py tests/test_models_dir_cache.py tests/test_worker_backend.py)
@@ -78,8 +89,8 @@ run_pytest() {
     5) echo "test.sh: $name: pytest collected no tests" >&2; failed_steps+=("$name (no tests)") ;;
     *) failed_steps+=("$name (pytest exit $rc)") ;;
   esac
-  # pytest keeps a session's temporary folders until it ends: their size now is the step's peak.
-  echo "test.sh: $name: temporary files $(du -sm "$run_tmp" 2>/dev/null | cut -f1) MB" >&2
+  echo "test.sh: $name: temporary files at most $(cat "$peak_file") MB (sampled every 2 s)" >&2
+  echo 0 > "$peak_file"
   rm -rf "${run_tmp:?}"/pytest-of-* 2>/dev/null || true
 }
 
