@@ -65,6 +65,10 @@ WORKER_SUITES=(tests/test_worker.py tests/test_robustness.py tests/test_lifecycl
 # Worker tests inside other modules (whose other tests run in process): frozen only as well.
 WORKER_TESTS=(tests/test_formats.py::test_worker_separates_the_new_formats_into_lossy_outputs
               tests/test_formats.py::test_worker_batch_and_bad_files)
+# pytest arguments that leave all of those out (the quick suite and the AVX2 pass run in process).
+not_worker=()
+for suite in "${WORKER_SUITES[@]}"; do not_worker+=("--ignore=$suite"); done
+for test in "${WORKER_TESTS[@]}"; do not_worker+=("--deselect=$test"); done
 
 exe=dist/dsu-audiosep/dsu-audiosep
 if (( frozen )); then
@@ -96,10 +100,7 @@ run_pytest() {
 
 echo "== test.sh: quick suite"
 if (( frozen )); then
-  ignore=()
-  for suite in "${WORKER_SUITES[@]}"; do ignore+=("--ignore=$suite"); done
-  for test in "${WORKER_TESTS[@]}"; do ignore+=("--deselect=$test"); done
-  run_pytest quick-suite "${ignore[@]}" ${extra[@]+"${extra[@]}"}
+  run_pytest quick-suite "${not_worker[@]}" ${extra[@]+"${extra[@]}"}
   echo "== test.sh: worker-suite tests that need the source tree"
   run_pytest worker-source-tree -m "source_tree and not slow" "${WORKER_SUITES[@]}"
   echo "== test.sh: worker suites against the frozen binary ($exe)"
@@ -114,9 +115,7 @@ if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; the
   export "${avx2_vars[@]}"
   # In process only: the worker suites' numerics cases run the same engine over pipes (their
   # kernels are the ones checked here), and a worker per case would double this pass.
-  ignore=()
-  for suite in "${WORKER_SUITES[@]}"; do ignore+=("--ignore=$suite"); done
-  run_pytest numerics-avx2 -m "numerics and not slow" "${ignore[@]}"
+  run_pytest numerics-avx2 -m "numerics and not slow" "${not_worker[@]}"
   unset "${avx2_vars[@]%%=*}"
 fi
 

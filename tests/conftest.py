@@ -46,6 +46,17 @@ def model_files(tmp_path_factory, fixtures_dir) -> dict[str, Path]:
     }
 
 
+def link_or_copy(src: str, dst: Path) -> None:
+    """A hard link where the file system allows one (model files are hundreds of MB), else a copy."""
+    if os.path.isdir(src):
+        shutil.copytree(src, dst, copy_function=link_or_copy)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 @pytest.fixture(scope="session")
 def demo_files(tmp_path_factory) -> dict[str, str]:
     """The UNTRAINED demo model (what scripts/demo.sh writes), written once for the session: every
@@ -63,10 +74,7 @@ def demo_model(demo_files, tmp_path_factory) -> dict[str, str]:
     files = dict(demo_files)
     # A second path to the same bytes: a different cache key at no disk cost.
     twin = folder / "twin_UNTRAINED.ckpt"
-    try:
-        os.link(files["checkpoint_path"], twin)
-    except OSError:
-        shutil.copyfile(files["checkpoint_path"], twin)
+    link_or_copy(files["checkpoint_path"], twin)
     files["twin_checkpoint_path"] = str(twin)
     garbage = folder / "garbage.ckpt"
     garbage.write_bytes(b"this is not a checkpoint" * 100)

@@ -1,25 +1,13 @@
 """Sibling-worker conventions over real pipes: ``--models-dir`` and ``set_cache_size``."""
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import link_or_copy
 from test_worker import load, load_cmd
 from worker_client import WorkerClient, clean_env, worker_argv
-
-
-def link_or_copy(src: str, dst: Path) -> None:
-    """A hard link where the file system allows one (model files are hundreds of MB), else a copy."""
-    if os.path.isdir(src):
-        shutil.copytree(src, dst, copy_function=link_or_copy)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def test_set_cache_size_evicts_down_to_n(demo_model):  # noqa: F811

@@ -31,7 +31,7 @@ import soundfile as sf
 from dsu_audiosep.errors import INVALID_AUDIO, INVALID_FIELD, AudioSepError
 from dsu_audiosep.options import OUTPUT_SR_RANGE
 
-from .audio_read import BLOCK, AudioInfo, describe_error, report, sanitize
+from .audio_read import BLOCK, AudioInfo, BlockSource, describe_error, report, sanitize
 
 __all__ = ["MemoryAudio", "memory_audio", "ArrayReader", "MemoryOutput", "ArraySink", "read_file_object",
            "check_samplerate", "MAX_CHANNELS"]
@@ -151,7 +151,7 @@ def memory_audio(samples: Any, samplerate: Any, blocksize: int = BLOCK) -> Memor
     return MemoryAudio(x, rate)
 
 
-class ArrayReader:
+class ArrayReader(BlockSource):
     """``BlockReader``'s interface over a ``MemoryAudio``: float32 ``[channels, n]`` blocks, in order."""
 
     def __init__(self, audio: MemoryAudio, blocksize: int = BLOCK):
@@ -174,21 +174,8 @@ class ArrayReader:
         self.position += n
         return block
 
-    def __iter__(self):
-        while True:
-            block = self.read()
-            if block.shape[1] == 0:
-                return
-            yield block
-
     def close(self) -> None:
         self._x = None
-
-    def __enter__(self) -> "ArrayReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class MemoryOutput:

@@ -238,7 +238,32 @@ def probe(path: PathLike) -> AudioInfo:
         f.close()
 
 
-class BlockReader:
+class BlockSource:
+    """What the pipeline reads from: ``read(n)`` gives the next ``[channels, k]`` float32 frames
+    (k == 0 at the end); iterating yields the blocks in order; closing is a context manager's exit.
+    Subclasses: ``BlockReader`` (a file) and ``audio_memory.ArrayReader`` (an array)."""
+
+    def read(self, n: int | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            block = self.read()
+            if block.shape[1] == 0:
+                return
+            yield block
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BlockReader(BlockSource):
     """Read an input file block by block without loading it whole.
 
     Iterating yields fresh float32 arrays shaped ``[channels, n]`` with ``n <= blocksize`` (only the
@@ -308,13 +333,6 @@ class BlockReader:
         self._f.seek(frame)
         self.position = frame
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while True:
-            block = self.read()
-            if block.shape[1] == 0:
-                return
-            yield block
-
     def _finish(self) -> None:
         if self.nonfinite_replaced and not self._reported:
             self._reported = True
@@ -327,12 +345,6 @@ class BlockReader:
         if self._f is not None:
             self._f.close()
             self._f = None
-
-    def __enter__(self) -> "BlockReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:  # pragma: no cover - safety net only
         try:
